@@ -1,0 +1,110 @@
+"""The app factory: settings, clients, blueprints, lifecycle and the one error mapping."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from quart import Quart, Response, jsonify
+from quart_schema import Info, QuartSchema, RequestSchemaValidationError
+from werkzeug.exceptions import HTTPException
+
+from . import metrics
+from .clients import builtin_clients
+from .config import Settings, load_settings
+from .errors import ServiceError, error_body
+from .registry import ClientSpec, LoopRegistries, bind_registry
+from .routes import health, publish
+
+log = logging.getLogger("loopgate")
+
+
+def create_app(
+    settings: Settings | None = None, *, clients: Sequence[ClientSpec[Any]] = ()
+) -> Quart:
+    """Build the loopgate app.
+
+    Args:
+        settings: the service settings; read from ``LOOPGATE_*`` variables when omitted.
+        clients: clients of your own, declared with :class:`~service.registry.ClientSpec`;
+            created, checked and closed per event loop like the built-in ones.
+
+    Raises:
+        SettingsError: a ``LOOPGATE_*`` variable is unknown or invalid.
+    """
+    settings = settings if settings is not None else load_settings()
+    app = Quart("loopgate")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["QUART_SCHEMA_CONVERT_CASING"] = False
+    QuartSchema(app, info=Info(title="loopgate", version="0.1.0"))
+
+    loops = LoopRegistries([*builtin_clients(), *clients], settings)
+    app.extensions["loopgate"] = loops
+
+    app.register_blueprint(health.blueprint)
+    app.register_blueprint(publish.blueprint)
+    _register_error_handlers(app)
+
+    @app.before_request
+    @app.before_websocket
+    async def bind() -> None:
+        # Quart runs startup in a task of its own and resets its context afterwards, so a context
+        # variable set at startup never reaches requests: every request binds its loop's registry.
+        bind_registry(loops.registry_for_running_loop())
+
+    @app.while_serving
+    async def lifespan() -> AsyncIterator[None]:
+        registry = loops.registry_for_running_loop()
+        bind_registry(registry)
+        if settings.eager:
+            for name, reason in (await registry.start()).items():
+                log.warning("starting degraded: client %r is down: %s", name, reason)
+        yield
+        try:
+            await registry.aclose()
+        except ExceptionGroup as group:
+            for error in group.exceptions:
+                log.error("%s", error)
+        finally:
+            loops.forget(registry)
+            metrics.mark_worker_dead()
+
+    return app
+
+
+def _register_error_handlers(app: Quart) -> None:
+    @app.errorhandler(ServiceError)
+    async def service_error(error: ServiceError) -> tuple[Response, int, dict[str, str]]:
+        return jsonify(error.body()), error.status_code, error.headers()
+
+    @app.errorhandler(RequestSchemaValidationError)
+    async def schema_error(error: RequestSchemaValidationError) -> tuple[Response, int]:
+        return jsonify(error_body(400, _validation_message(error.validation_error))), 400
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> tuple[Response, int, dict[str, str]]:
+        code = error.code or 500
+        message = error.description or error.name
+        if code == 413:
+            message = f"request body larger than {app.config['MAX_CONTENT_LENGTH']} bytes"
+        headers = {"Allow": ", ".join(error.valid_methods)} if getattr(error, "valid_methods", None) else {}  # type: ignore[attr-defined]
+        return jsonify(error_body(code, message)), code, headers
+
+    @app.errorhandler(Exception)
+    async def unexpected(error: Exception) -> tuple[Response, int]:
+        log.exception("unhandled error", exc_info=error)
+        return jsonify(error_body(500, "internal error")), 500
+
+
+def _validation_message(error: Exception) -> str:
+    errors = getattr(error, "errors", None)
+    if not callable(errors):
+        return str(error)
+    parts = []
+    for item in errors():
+        location = ".".join(str(part) for part in item.get("loc", ()))
+        message = str(item.get("msg", "invalid"))
+        message = message.removeprefix("Value error, ")
+        parts.append(f"{location}: {message}" if location else message)
+    return "invalid request: " + "; ".join(parts)

@@ -1,0 +1,50 @@
+"""The built-in clients and their accessors.
+
+Each accessor returns the running event loop's instance, creating it on first use::
+
+    publisher = await get_publisher()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+from google.pubsub_v1 import SubscriberAsyncClient
+
+from ..registry import ClientSpec
+from .session import HTTP
+from .publisher import Publisher
+from .pubsub import CREDENTIALS, PUBLISHER, SUBSCRIBER
+
+
+def builtin_clients() -> list[ClientSpec[Any]]:
+    """The clients every app declares, in startup order."""
+    return [HTTP, PUBLISHER, SUBSCRIBER, CREDENTIALS]
+
+
+async def get_publisher() -> Publisher:
+    """The loop's batching Pub/Sub publisher."""
+    return await PUBLISHER.get()
+
+
+async def get_subscriber() -> SubscriberAsyncClient:
+    """The loop's Pub/Sub subscriber client (grpc.aio)."""
+    return await SUBSCRIBER.get()
+
+
+async def get_http() -> aiohttp.ClientSession:
+    """The loop's shared aiohttp session."""
+    return await HTTP.get()
+
+
+__all__ = [
+    "CREDENTIALS",
+    "HTTP",
+    "PUBLISHER",
+    "SUBSCRIBER",
+    "builtin_clients",
+    "get_http",
+    "get_publisher",
+    "get_subscriber",
+]

@@ -1,0 +1,263 @@
+"""Batching publisher: many concurrent requests, few Pub/Sub calls, never blocking the loop.
+
+Requests hand their messages to :meth:`Publisher.publish` and await the message ids. Messages are
+gathered per topic (and per ordering key) into batches that are sent when one of three triggers fires:
+``max_messages``, ``max_bytes`` or ``max_latency`` after the batch's first message. Batches without an
+ordering key are sent concurrently; batches of one ordering key are sent one after the other, so the
+key's order holds, and once one fails the key's later batches fail too rather than overtake it.
+
+Transient errors (unavailable, deadline, aborted, internal, resource exhausted) are retried with
+exponential backoff within ``publish_timeout``. The pending messages and bytes are bounded: past the
+bound ``publish`` raises :class:`PublisherOverloaded` (503) instead of growing memory.
+
+A caller is answered only once Pub/Sub has returned the ids, so an answered message is never lost;
+:meth:`aclose` flushes every accepted message before closing the channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.api_core import exceptions as gexc
+from google.api_core.retry import AsyncRetry, if_exception_type
+from google.pubsub_v1 import PublisherAsyncClient
+from google.pubsub_v1.types import PublishRequest, PubsubMessage
+
+from .. import metrics
+from ..errors import BackendError, ClientUnavailable, ForeignLoopError, PublisherOverloaded, TopicNotFound
+
+log = logging.getLogger("loopgate.publisher")
+
+RawMessage = Any  # google.pubsub.v1.PubsubMessage, the raw protobuf class
+RAW_MESSAGE: Any = PubsubMessage.pb()
+RAW_REQUEST: Any = PublishRequest.pb()
+
+TRANSIENT = (
+    gexc.ServiceUnavailable,
+    gexc.DeadlineExceeded,
+    gexc.Aborted,
+    gexc.InternalServerError,
+    gexc.ResourceExhausted,
+    gexc.Unknown,
+)
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    max_messages: int = 1000
+    max_bytes: int = 4_000_000
+    max_latency: float = 0.005
+    timeout: float = 30.0
+    max_pending_messages: int = 100_000
+    max_pending_bytes: int = 128 * 1024 * 1024
+
+
+class _Request:
+    """One caller's messages: answered when all of them have ids, or at the first failure."""
+
+    __slots__ = ("future", "ids", "remaining")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
+        self.future: asyncio.Future[list[str]] = loop.create_future()
+        self.ids: list[str] = [""] * count
+        self.remaining = count
+
+    def resolve(self, index: int, message_id: str) -> None:
+        self.ids[index] = message_id
+        self.remaining -= 1
+        if self.remaining == 0 and not self.future.done():
+            self.future.set_result(self.ids)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+@dataclass
+class _Batch:
+    topic: str
+    ordering_key: str
+    messages: list[RawMessage] = field(default_factory=list)
+    owners: list[tuple[_Request, int]] = field(default_factory=list)
+    size: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
+class Publisher:
+    """Batches publishes of one event loop onto one ``PublisherAsyncClient``."""
+
+    def __init__(self, client: PublisherAsyncClient, settings: BatchSettings) -> None:
+        self._client = client
+        self._settings = settings
+        self._loop = asyncio.get_running_loop()
+        self._open: dict[tuple[str, str], _Batch] = {}
+        self._key_tails: dict[tuple[str, str], asyncio.Future[bool]] = {}
+        self._in_flight: set[asyncio.Task[bool]] = set()
+        self._pending_messages = 0
+        self._pending_bytes = 0
+        self._closed = False
+        self._retry = AsyncRetry(
+            predicate=if_exception_type(*TRANSIENT),
+            initial=0.05,
+            maximum=2.0,
+            multiplier=2.0,
+            timeout=settings.timeout,
+        )
+
+    @property
+    def client(self) -> PublisherAsyncClient:
+        """The underlying generated client (for admin calls such as ``get_topic``)."""
+        return self._client
+
+    @property
+    def pending_messages(self) -> int:
+        return self._pending_messages
+
+    async def publish(self, topic: str, messages: Sequence[RawMessage]) -> list[str]:
+        """Publish ``messages`` (raw ``PubsubMessage`` protobufs) to ``topic`` (a full path).
+
+        Returns the message ids in the order of ``messages``.
+
+        Raises:
+            PublisherOverloaded: the pending bounds are reached; nothing was accepted.
+            TopicNotFound: the topic does not exist.
+            BackendError: Pub/Sub failed after retries (some messages may have been published).
+            ClientUnavailable: the publisher is closing.
+        """
+        if asyncio.get_running_loop() is not self._loop:
+            raise ForeignLoopError("publisher")
+        if self._closed:
+            raise ClientUnavailable("publisher", "the service is shutting down")
+        sizes = [message.ByteSize() for message in messages]
+        total = sum(sizes)
+        settings = self._settings
+        if (
+            self._pending_messages + len(messages) > settings.max_pending_messages
+            or self._pending_bytes + total > settings.max_pending_bytes
+        ):
+            raise PublisherOverloaded(
+                f"too many messages waiting to be published ({self._pending_messages} pending); "
+                "try again shortly"
+            )
+        self._pending_messages += len(messages)
+        self._pending_bytes += total
+        metrics.PUBLISH_PENDING.inc(len(messages))
+        request = _Request(self._loop, len(messages))
+        for index, (message, size) in enumerate(zip(messages, sizes, strict=True)):
+            self._add(topic, message, size, request, index)
+        started = time.perf_counter()
+        ids = await request.future
+        metrics.PUBLISH_LATENCY.observe(time.perf_counter() - started)
+        return ids
+
+    def _add(self, topic: str, message: RawMessage, size: int, request: _Request, index: int) -> None:
+        key = (topic, message.ordering_key)
+        batch = self._open.get(key)
+        settings = self._settings
+        if batch is not None and (
+            len(batch.messages) >= settings.max_messages or batch.size + size > settings.max_bytes
+        ):
+            self._seal(key)
+            batch = None
+        if batch is None:
+            batch = _Batch(topic, message.ordering_key)
+            self._open[key] = batch
+            if settings.max_latency > 0:
+                batch.timer = self._loop.call_later(settings.max_latency, self._seal, key)
+            else:
+                batch.timer = self._loop.call_soon(self._seal, key)  # type: ignore[assignment]
+        batch.messages.append(message)
+        batch.owners.append((request, index))
+        batch.size += size
+        if len(batch.messages) >= settings.max_messages or batch.size >= settings.max_bytes:
+            self._seal(key)
+
+    def _seal(self, key: tuple[str, str]) -> None:
+        batch = self._open.pop(key, None)
+        if batch is None:
+            return
+        if batch.timer is not None:
+            batch.timer.cancel()
+        previous = self._key_tails.get(key) if batch.ordering_key else None
+        task = self._loop.create_task(self._send(batch, previous))
+        if batch.ordering_key:
+            self._key_tails[key] = task
+            task.add_done_callback(lambda done, key=key: self._forget_tail(key, done))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    def _forget_tail(self, key: tuple[str, str], task: asyncio.Future[bool]) -> None:
+        if self._key_tails.get(key) is task:
+            del self._key_tails[key]
+
+    async def _send(self, batch: _Batch, previous: asyncio.Future[bool] | None) -> bool:
+        """Publish one batch and answer its owners; ``False`` when it failed."""
+        try:
+            if previous is not None:
+                await asyncio.wait([previous])
+                if previous.cancelled() or not previous.result():
+                    raise BackendError(
+                        "pubsub",
+                        f"an earlier publish with ordering key {batch.ordering_key!r} failed; "
+                        "later messages of the key were not published to keep its order",
+                    )
+            request = RAW_REQUEST(topic=batch.topic, messages=batch.messages)
+            try:
+                response = await self._client.publish(
+                    request=PublishRequest.wrap(request),
+                    retry=self._retry,
+                    timeout=min(60.0, self._settings.timeout),
+                )
+            except gexc.NotFound as exc:
+                raise TopicNotFound(batch.topic.rsplit("/", 1)[-1]) from exc
+            except gexc.GoogleAPICallError as exc:
+                metrics.PUBLISH_BATCH_ERRORS.labels(reason=type(exc).__name__).inc()
+                raise BackendError("pubsub", exc.message or str(exc)) from exc
+            except gexc.RetryError as exc:
+                metrics.PUBLISH_BATCH_ERRORS.labels(reason="RetryError").inc()
+                cause = exc.cause if exc.cause is not None else exc
+                raise BackendError(
+                    "pubsub",
+                    f"publish did not succeed within {self._settings.timeout:g}s: {cause}",
+                ) from exc
+            ids = list(response.message_ids)
+            if len(ids) != len(batch.owners):
+                raise BackendError("pubsub", "publish answered a wrong number of message ids")
+            metrics.PUBLISH_BATCH_SIZE.observe(len(ids))
+            metrics.PUBLISH_MESSAGES.inc(len(ids))
+            for (owner, index), message_id in zip(batch.owners, ids, strict=True):
+                owner.resolve(index, message_id)
+            return True
+        except Exception as exc:
+            for owner, _ in batch.owners:
+                owner.fail(exc)
+            return False
+        except BaseException:
+            error = ClientUnavailable("publisher", "publishing was cancelled by shutdown")
+            for owner, _ in batch.owners:
+                owner.fail(error)
+            raise
+        finally:
+            self._pending_messages -= len(batch.messages)
+            self._pending_bytes -= batch.size
+            metrics.PUBLISH_PENDING.dec(len(batch.messages))
+
+    async def flush(self) -> None:
+        """Send every open batch now and wait until every batch sent so far is answered."""
+        for key in list(self._open):
+            self._seal(key)
+        while self._in_flight:
+            await asyncio.wait(list(self._in_flight))
+
+    async def aclose(self) -> None:
+        """Stop accepting messages, flush every accepted one, then close the channel."""
+        self._closed = True
+        try:
+            await self.flush()
+        finally:
+            await self._client.transport.close()

@@ -1,0 +1,22 @@
+"""One shared ``aiohttp.ClientSession`` per event loop."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from ..registry import ClientSpec
+
+
+async def create_http() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=256, limit_per_host=0, ttl_dns_cache=300),
+        timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=60),
+        raise_for_status=False,
+    )
+
+
+async def close_http(session: aiohttp.ClientSession) -> None:
+    await session.close()
+
+
+HTTP: ClientSpec[aiohttp.ClientSession] = ClientSpec("http", create=create_http, close=close_http)

@@ -1,0 +1,1 @@
+"""Local development: emulators on loopback and the ``make run`` launcher."""

@@ -1,0 +1,133 @@
+"""One error hierarchy for the whole service, and its single mapping to HTTP.
+
+Every error a handler can raise on purpose is a :class:`ServiceError`. Its ``status_code`` and
+``status`` (Google's canonical code name) decide the response; ``retry_after`` adds a ``Retry-After``
+header. The JSON body has the shape Google APIs use::
+
+    {"error": {"code": 503, "status": "UNAVAILABLE", "message": "..."}}
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+# HTTP status -> Google canonical status name, for errors that did not come from a ServiceError.
+CANONICAL_STATUS: dict[int, str] = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    409: "ALREADY_EXISTS",
+    411: "LENGTH_REQUIRED",
+    412: "FAILED_PRECONDITION",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    416: "OUT_OF_RANGE",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    501: "UNIMPLEMENTED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+class ServiceError(Exception):
+    """Base of every error the service answers on purpose."""
+
+    status_code: ClassVar[int] = 500
+    status: ClassVar[str] = "INTERNAL"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status_code, self.message, self.status)
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class InvalidArgument(ServiceError):
+    """The request is malformed; nothing was changed."""
+
+    status_code = 400
+    status = "INVALID_ARGUMENT"
+
+
+class NotFound(ServiceError):
+    """A resource is not allowed here or does not exist."""
+
+    status_code = 404
+    status = "NOT_FOUND"
+
+    def __init__(self, message: str, *, resource: str) -> None:
+        super().__init__(message)
+        self.resource = resource
+
+
+class TopicNotFound(NotFound):
+    def __init__(self, topic: str, *, reason: str = "does not exist") -> None:
+        super().__init__(f"topic {topic!r} {reason}", resource=topic)
+        self.topic = topic
+
+
+class Unavailable(ServiceError):
+    """A backend cannot serve the request now; try again after ``retry_after`` seconds."""
+
+    status_code = 503
+    status = "UNAVAILABLE"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class ClientUnavailable(Unavailable):
+    """A client could not be created (or is shutting down)."""
+
+    def __init__(self, client: str, reason: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(f"client {client!r} is unavailable: {reason}", retry_after=retry_after)
+        self.client = client
+        self.reason = reason
+
+
+class PublisherOverloaded(Unavailable):
+    """Accepting more messages would exceed the publisher's pending bounds."""
+
+
+class BackendError(Unavailable):
+    """A backend call failed after retries; the backend's message is kept."""
+
+    def __init__(self, backend: str, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(f"{backend}: {message}", retry_after=retry_after)
+        self.backend = backend
+
+
+class ForeignLoopError(ServiceError, RuntimeError):
+    """A client made on one event loop was used from another one."""
+
+    def __init__(self, client: str) -> None:
+        super().__init__(
+            f"client {client!r} belongs to another event loop: clients are per event loop; "
+            "reach it through its accessor inside the loop that serves the request"
+        )
+        self.client = client
+
+
+def error_body(code: int, message: str, status: str | None = None) -> dict[str, Any]:
+    """The JSON error body for ``code``."""
+    return {
+        "error": {
+            "code": code,
+            "status": status or CANONICAL_STATUS.get(code, "UNKNOWN"),
+            "message": message,
+        }
+    }

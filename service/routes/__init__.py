@@ -1,0 +1,1 @@
+"""HTTP and websocket surfaces, one blueprint each."""

@@ -1,0 +1,57 @@
+"""Liveness, readiness and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from quart import Blueprint, Response
+from quart_schema import hide
+
+from .. import metrics
+from ..errors import ClientUnavailable, error_body
+from ..registry import current_registry
+
+blueprint = Blueprint("health", __name__)
+
+
+@blueprint.get("/healthz")
+@hide
+async def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@blueprint.get("/readyz")
+@hide
+async def readyz() -> tuple[dict[str, object], int, dict[str, str]]:
+    """200 when every eager client exists and answers; 503 naming the ones that do not."""
+    registry = current_registry()
+    names = [spec.name for spec in registry.specs if spec.eager]
+    results = await asyncio.gather(
+        *(registry.check(name) for name in names), return_exceptions=True
+    )
+    clients: dict[str, str] = {}
+    down: list[ClientUnavailable] = []
+    for name, result in zip(names, results, strict=True):
+        if isinstance(result, ClientUnavailable):
+            clients[name] = f"down: {result.reason}"
+            down.append(result)
+        elif isinstance(result, BaseException):
+            clients[name] = f"down: {result!r}"
+            down.append(ClientUnavailable(name, repr(result)))
+        else:
+            clients[name] = "ok"
+    if not down:
+        return {"status": "ready", "clients": clients}, 200, {}
+    message = "; ".join(error.message for error in down)
+    retry_after = min(error.retry_after or 1 for error in down)
+    body = error_body(503, message) | {"clients": clients}
+    return body, 503, ClientUnavailable(down[0].client, "", retry_after=retry_after).headers()
+
+
+@blueprint.get("/metrics")
+@hide
+async def metrics_endpoint() -> Response:
+    """Prometheus metrics of every worker of this instance."""
+    payload, content_type = metrics.render()
+    return Response(payload, content_type=content_type)

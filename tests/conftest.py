@@ -1,0 +1,262 @@
+"""Shared fixtures: the real emulators, topics with a verification subscription, the app, and
+real Hypercorn servers on loopback."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Metrics of this test process go to a directory of its own (set before the service is imported).
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="loopgate-test-metrics-")
+for _key in [key for key in os.environ if key.startswith("LOOPGATE_")]:
+    del os.environ[_key]
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from google.api_core.exceptions import DeadlineExceeded
+from google.cloud import pubsub_v1
+from quart import Quart
+from quart.typing import TestClientProtocol
+
+from service import create_app, load_settings
+from service.config import Settings
+from service.dev.emulators import PubSubEmulator, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = "loopgate-test"
+WAIT = 30.0  # seconds any single wait in a test may take before the test fails
+
+
+@pytest.fixture(scope="session")
+def pubsub_emulator() -> Iterator[PubSubEmulator]:
+    emulator = PubSubEmulator().start()
+    os.environ["PUBSUB_EMULATOR_HOST"] = emulator.host
+    yield emulator
+    emulator.stop()
+
+
+@dataclass
+class PubSubAdmin:
+    """Synchronous Pub/Sub admin for test setup and verification."""
+
+    publisher: pubsub_v1.PublisherClient
+    subscriber: pubsub_v1.SubscriberClient
+    project: str = PROJECT
+
+    def create_topic(self, name: str | None = None) -> str:
+        name = name or f"t-{uuid.uuid4().hex[:12]}"
+        self.publisher.create_topic(name=self.publisher.topic_path(self.project, name))
+        return name
+
+    def create_subscription(self, topic: str, *, ordering: bool = False) -> str:
+        name = f"verify-{uuid.uuid4().hex[:12]}"
+        path = self.subscriber.subscription_path(self.project, name)
+        self.subscriber.create_subscription(
+            request={
+                "name": path,
+                "topic": self.publisher.topic_path(self.project, topic),
+                "enable_message_ordering": ordering,
+            }
+        )
+        return path
+
+    def pull(self, subscription: str, expected: int, timeout: float = WAIT) -> list[Any]:
+        """Pull and ack until ``expected`` messages arrived or ``timeout``; then drain briefly
+        to catch any extra (unexpected) messages."""
+        received: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                response = self.subscriber.pull(
+                    request={"subscription": subscription, "max_messages": 1000},
+                    timeout=2 if len(received) < expected else 1,
+                )
+            except DeadlineExceeded:
+                if len(received) >= expected:
+                    break
+                continue
+            if not response.received_messages:
+                if len(received) >= expected:
+                    break
+                continue
+            received.extend(item.message for item in response.received_messages)
+            self.subscriber.acknowledge(
+                request={
+                    "subscription": subscription,
+                    "ack_ids": [item.ack_id for item in response.received_messages],
+                }
+            )
+        return received
+
+
+@pytest.fixture(scope="session")
+def admin(pubsub_emulator: PubSubEmulator) -> Iterator[PubSubAdmin]:
+    publisher = pubsub_v1.PublisherClient()
+    subscriber = pubsub_v1.SubscriberClient()
+    yield PubSubAdmin(publisher, subscriber)
+    publisher.stop()
+    subscriber.close()
+
+
+@dataclass
+class Topic:
+    name: str
+    subscription: str
+    admin: PubSubAdmin
+
+    def received(self, expected: int, timeout: float = WAIT) -> list[Any]:
+        return self.admin.pull(self.subscription, expected, timeout)
+
+
+@pytest.fixture
+def topic(admin: PubSubAdmin) -> Topic:
+    name = admin.create_topic()
+    return Topic(name, admin.create_subscription(name), admin)
+
+
+def make_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {"project": PROJECT, "topics": "*"}
+    values.update(overrides)
+    return load_settings({}, **values)
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+async def app(pubsub_emulator: PubSubEmulator, settings: Settings) -> AsyncIterator[Quart]:
+    app = create_app(settings)
+    async with app.test_app():
+        yield app
+
+
+@pytest.fixture
+def client(app: Quart) -> TestClientProtocol:
+    return app.test_client()
+
+
+# -- real Hypercorn servers -------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """A Hypercorn server process on loopback, started with the repository's hypercorn.toml."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    metrics_dir: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = WAIT) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+                raise AssertionError(f"server did not stop within {timeout}s:\n{self.log()}")
+        return self.process.returncode
+
+
+def spawn_server(
+    tmp_path: Path, env: dict[str, str] | None = None, *, workers: int = 1, port: int | None = None
+) -> Server:
+    port = port or free_port()
+    log_path = tmp_path / f"hypercorn-{port}.log"
+    metrics_dir = tempfile.mkdtemp(prefix="metrics-", dir=tmp_path)
+    full_env = {
+        key: value for key, value in os.environ.items() if not key.startswith("LOOPGATE_")
+    }
+    full_env.update(
+        {
+            "LOOPGATE_PROJECT": PROJECT,
+            "LOOPGATE_TOPICS": "*",
+            "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
+        }
+    )
+    full_env.update(env or {})
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "hypercorn", "--config", str(ROOT / "hypercorn.toml"),
+                "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
+                "service:create_app()",
+            ],
+            cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    return Server(port, process, log_path, metrics_dir)
+
+
+async def wait_until_up(server: Server, path: str = "/healthz", timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                raise AssertionError(f"server exited ({server.process.returncode}):\n{server.log()}")
+            try:
+                async with session.get(server.url + path) as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"server did not answer {path} within {timeout}s:\n{server.log()}")
+
+
+@pytest.fixture
+def start_server(
+    tmp_path: Path, pubsub_emulator: PubSubEmulator
+) -> Iterator[Callable[..., Any]]:
+    servers: list[Server] = []
+
+    async def start(
+        env: dict[str, str] | None = None, *, workers: int = 1, wait: str | None = "/healthz"
+    ) -> Server:
+        server = spawn_server(tmp_path, env, workers=workers)
+        servers.append(server)
+        if wait:
+            await wait_until_up(server, wait)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text, 0 when absent."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        sample, _, value = line.rpartition(" ")
+        metric, _, label_text = sample.partition("{")
+        if metric != name:
+            continue
+        label_text = label_text.rstrip("}")
+        got = ",".join(sorted(part for part in label_text.split(",") if part))
+        if got == wanted:
+            return float(value)
+    return 0.0
