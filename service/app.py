@@ -10,7 +10,6 @@ from quart import Quart, Response, jsonify
 from quart_schema import Info, QuartSchema, RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
-from . import metrics
 from .clients import builtin_clients
 from .config import Settings, load_settings
 from .errors import ServiceError, error_body
@@ -53,7 +52,7 @@ def create_app(
         # variable set at startup never reaches requests: every request binds its loop's registry.
         bind_registry(loops.registry_for_running_loop())
 
-    @app.while_serving
+    @app.while_serving  # type: ignore[type-var]
     async def lifespan() -> AsyncIterator[None]:
         registry = loops.registry_for_running_loop()
         bind_registry(registry)
@@ -68,7 +67,6 @@ def create_app(
                 log.error("%s", error)
         finally:
             loops.forget(registry)
-            metrics.mark_worker_dead()
 
     return app
 
@@ -88,7 +86,8 @@ def _register_error_handlers(app: Quart) -> None:
         message = error.description or error.name
         if code == 413:
             message = f"request body larger than {app.config['MAX_CONTENT_LENGTH']} bytes"
-        headers = {"Allow": ", ".join(error.valid_methods)} if getattr(error, "valid_methods", None) else {}  # type: ignore[attr-defined]
+        allowed = getattr(error, "valid_methods", None)
+        headers = {"Allow": ", ".join(allowed)} if allowed else {}
         return jsonify(error_body(code, message)), code, headers
 
     @app.errorhandler(Exception)

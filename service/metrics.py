@@ -40,7 +40,9 @@ CLIENT_CREATIONS = Counter(
     "loopgate_client_creations", "Clients created, per client name.", ["client"]
 )
 CLIENT_CREATION_FAILURES = Counter(
-    "loopgate_client_creation_failures", "Client creations that failed, per client name.", ["client"]
+    "loopgate_client_creation_failures",
+    "Client creations that failed, per client name.",
+    ["client"],
 )
 
 PUBLISH_REQUESTS = Counter(
@@ -63,6 +65,7 @@ PUBLISH_BATCH_ERRORS = Counter(
 PUBLISH_PENDING = Gauge(
     "loopgate_publish_pending_messages",
     "Messages accepted and not yet answered by Pub/Sub.",
+    # A worker that shut down cleanly flushed everything, so its last value is 0.
     multiprocess_mode="livesum",
 )
 
@@ -70,10 +73,5 @@ PUBLISH_PENDING = Gauge(
 def render() -> tuple[bytes, str]:
     """The metrics of every worker of this instance, in Prometheus text format."""
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     return generate_latest(registry), CONTENT_TYPE_LATEST
-
-
-def mark_worker_dead() -> None:
-    """Drop this worker's live gauges (called when the worker shuts down)."""
-    multiprocess.mark_process_dead(os.getpid())

@@ -164,7 +164,9 @@ class Registry:
                 context = contextvars.copy_context()
                 context.run(_cv_registry.set, self)
                 slot.creating = self.loop.create_task(
-                    self._run_factory(spec, slot), name=f"loopgate-create-{spec.name}", context=context
+                    self._run_factory(spec, slot),
+                    name=f"loopgate-create-{spec.name}",
+                    context=context,
                 )
             # Shielded: a caller that gives up (a client disconnect) does not abort the creation
             # that other callers are waiting for.
@@ -194,7 +196,10 @@ class Registry:
             metrics.CLIENT_CREATION_FAILURES.labels(client=spec.name).inc()
             log.warning(
                 "creating client %r failed (attempt %d, next try in %.1fs): %s",
-                spec.name, attempts, delay, reason,
+                spec.name,
+                attempts,
+                delay,
+                reason,
             )
             if isinstance(exc, asyncio.CancelledError):
                 raise

@@ -15,6 +15,7 @@ import asyncio
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -176,7 +177,9 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout)
-                raise AssertionError(f"server did not stop within {timeout}s:\n{self.log()}")
+                raise AssertionError(
+                    f"server did not stop within {timeout}s:\n{self.log()}"
+                ) from None
         return self.process.returncode
 
 
@@ -186,9 +189,7 @@ def spawn_server(
     port = port or free_port()
     log_path = tmp_path / f"hypercorn-{port}.log"
     metrics_dir = tempfile.mkdtemp(prefix="metrics-", dir=tmp_path)
-    full_env = {
-        key: value for key, value in os.environ.items() if not key.startswith("LOOPGATE_")
-    }
+    full_env = {key: value for key, value in os.environ.items() if not key.startswith("LOOPGATE_")}
     full_env.update(
         {
             "LOOPGATE_PROJECT": PROJECT,
@@ -200,11 +201,21 @@ def spawn_server(
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [
-                sys.executable, "-m", "hypercorn", "--config", str(ROOT / "hypercorn.toml"),
-                "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
+                sys.executable,
+                "-m",
+                "hypercorn",
+                "--config",
+                str(ROOT / "hypercorn.toml"),
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                str(workers),
                 "service:create_app()",
             ],
-            cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     return Server(port, process, log_path, metrics_dir)
 
@@ -214,7 +225,9 @@ async def wait_until_up(server: Server, path: str = "/healthz", timeout: float =
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             if server.process.poll() is not None:
-                raise AssertionError(f"server exited ({server.process.returncode}):\n{server.log()}")
+                raise AssertionError(
+                    f"server exited ({server.process.returncode}):\n{server.log()}"
+                )
             try:
                 async with session.get(server.url + path) as response:
                     if response.status == 200:
@@ -226,9 +239,7 @@ async def wait_until_up(server: Server, path: str = "/healthz", timeout: float =
 
 
 @pytest.fixture
-def start_server(
-    tmp_path: Path, pubsub_emulator: PubSubEmulator
-) -> Iterator[Callable[..., Any]]:
+def start_server(tmp_path: Path, pubsub_emulator: PubSubEmulator) -> Iterator[Callable[..., Any]]:
     servers: list[Server] = []
 
     async def start(
@@ -260,3 +271,36 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if got == wanted:
             return float(value)
     return 0.0
+
+
+def run_in_thread(coro_factory: Any) -> Any:
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = asyncio.run(coro_factory())
+        except BaseException as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the other loop did not finish"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def create_topic_at(host: str, name: str, project: str = PROJECT) -> None:
+    """Create a topic on the emulator at ``host`` (not the session's one)."""
+    import grpc
+    from google.pubsub_v1 import PublisherClient as GapicPublisher
+    from google.pubsub_v1.services.publisher.transports.grpc import PublisherGrpcTransport
+
+    channel = grpc.insecure_channel(host)
+    try:
+        GapicPublisher(transport=PublisherGrpcTransport(channel=channel)).create_topic(
+            name=f"projects/{project}/topics/{name}"
+        )
+    finally:
+        channel.close()

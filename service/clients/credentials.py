@@ -45,7 +45,7 @@ class RefreshingCredentials:
             credentials, _ = await asyncio.to_thread(google.auth.default, scopes=SCOPES)
         assert credentials is not None
         if hasattr(credentials, "with_non_blocking_refresh"):
-            credentials.with_non_blocking_refresh()
+            credentials.with_non_blocking_refresh()  # type: ignore[no-untyped-call]
         self = cls(credentials)
         await self.refresh()
         self._task = asyncio.get_running_loop().create_task(
@@ -62,7 +62,7 @@ class RefreshingCredentials:
         if expiry is None:
             return 300.0
         now = now or dt.datetime.now(dt.UTC).replace(tzinfo=None)
-        return max(0.0, (expiry - REFRESH_MARGIN - now).total_seconds())
+        return max(0.0, float((expiry - REFRESH_MARGIN - now).total_seconds()))
 
     async def _keep_fresh(self) -> None:
         while True:

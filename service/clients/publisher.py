@@ -17,6 +17,7 @@ A caller is answered only once Pub/Sub has returned the ids, so an answered mess
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -29,7 +30,13 @@ from google.pubsub_v1 import PublisherAsyncClient
 from google.pubsub_v1.types import PublishRequest, PubsubMessage
 
 from .. import metrics
-from ..errors import BackendError, ClientUnavailable, ForeignLoopError, PublisherOverloaded, TopicNotFound
+from ..errors import (
+    BackendError,
+    ClientUnavailable,
+    ForeignLoopError,
+    PublisherOverloaded,
+    TopicNotFound,
+)
 
 log = logging.getLogger("loopgate.publisher")
 
@@ -155,7 +162,9 @@ class Publisher:
         metrics.PUBLISH_LATENCY.observe(time.perf_counter() - started)
         return ids
 
-    def _add(self, topic: str, message: RawMessage, size: int, request: _Request, index: int) -> None:
+    def _add(
+        self, topic: str, message: RawMessage, size: int, request: _Request, index: int
+    ) -> None:
         key = (topic, message.ordering_key)
         batch = self._open.get(key)
         settings = self._settings
@@ -187,7 +196,7 @@ class Publisher:
         task = self._loop.create_task(self._send(batch, previous))
         if batch.ordering_key:
             self._key_tails[key] = task
-            task.add_done_callback(lambda done, key=key: self._forget_tail(key, done))
+            task.add_done_callback(functools.partial(self._forget_tail, key))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
@@ -260,4 +269,4 @@ class Publisher:
         try:
             await self.flush()
         finally:
-            await self._client.transport.close()
+            await self._client.transport.close()  # type: ignore[no-untyped-call]

@@ -56,14 +56,12 @@ async def _wait_ready(channel: grpc.aio.Channel) -> None:
 
 async def create_publisher() -> Publisher:
     settings = current_settings()
-    transport = PublisherGrpcAsyncIOTransport(
-        channel=await _channel(PublisherGrpcAsyncIOTransport)
-    )
+    transport = PublisherGrpcAsyncIOTransport(channel=await _channel(PublisherGrpcAsyncIOTransport))
     client = PublisherAsyncClient(transport=transport)
     try:
         await _wait_ready(transport.grpc_channel)
     except BaseException:
-        await transport.close()
+        await transport.close()  # type: ignore[no-untyped-call]
         raise
     return Publisher(
         client,
@@ -83,7 +81,7 @@ async def close_publisher(publisher: Publisher) -> None:
 
 
 async def check_publisher(publisher: Publisher) -> None:
-    await _wait_ready(publisher.client.transport.grpc_channel)
+    await _wait_ready(publisher.client.transport.grpc_channel)  # type: ignore[attr-defined]
 
 
 async def create_subscriber() -> SubscriberAsyncClient:
@@ -93,17 +91,17 @@ async def create_subscriber() -> SubscriberAsyncClient:
     try:
         await _wait_ready(transport.grpc_channel)
     except BaseException:
-        await transport.close()
+        await transport.close()  # type: ignore[no-untyped-call]
         raise
     return SubscriberAsyncClient(transport=transport)
 
 
 async def close_subscriber(subscriber: SubscriberAsyncClient) -> None:
-    await subscriber.transport.close()
+    await subscriber.transport.close()  # type: ignore[no-untyped-call]
 
 
 async def check_subscriber(subscriber: SubscriberAsyncClient) -> None:
-    await _wait_ready(subscriber.transport.grpc_channel)
+    await _wait_ready(subscriber.transport.grpc_channel)  # type: ignore[attr-defined]
 
 
 async def _close_credentials(credentials: RefreshingCredentials) -> None:

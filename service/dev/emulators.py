@@ -157,8 +157,14 @@ class StorageEmulator(Emulator):
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-c", "from gcp_storage_emulator.__main__ import main; main()",
-            "start", "--host=127.0.0.1", f"--port={self.port}", "--in-memory", "--quiet",
+            sys.executable,
+            "-c",
+            "from gcp_storage_emulator.__main__ import main; main()",
+            "start",
+            "--host=127.0.0.1",
+            f"--port={self.port}",
+            "--in-memory",
+            "--quiet",
         ]
 
     def ready(self) -> bool:

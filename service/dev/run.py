@@ -85,8 +85,13 @@ def main() -> int:
         create_topics(env["LOOPGATE_PROJECT"], topics)
 
         command = [
-            sys.executable, "-m", "hypercorn", "--config", str(ROOT / "hypercorn.toml"),
-            "--bind", f"127.0.0.1:{port}",
+            sys.executable,
+            "-m",
+            "hypercorn",
+            "--config",
+            str(ROOT / "hypercorn.toml"),
+            "--bind",
+            f"127.0.0.1:{port}",
         ]
         if os.environ.get("WORKERS"):
             command += ["--workers", os.environ["WORKERS"]]
@@ -102,7 +107,7 @@ def main() -> int:
             f"  metrics: {base}/metrics\n"
             f"  publish: curl -s -X POST {base}/v1/topics/{DEMO_TOPIC}:publish "
             "-H 'Content-Type: application/json' "
-            "-d '{\"messages\": [{\"data\": \"aGVsbG8=\"}]}'\n",
+            '-d \'{"messages": [{"data": "aGVsbG8="}]}\'\n',
             flush=True,
         )
         while not stop.is_set() and hypercorn.poll() is None:
