@@ -304,3 +304,10 @@ def create_topic_at(host: str, name: str, project: str = PROJECT) -> None:
         )
     finally:
         channel.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses an emulator, so ``-m emulator`` selects them."""
+    for item in items:
+        if {"pubsub_emulator", "storage_emulator"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.emulator)
