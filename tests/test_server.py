@@ -149,3 +149,22 @@ async def test_wait_until_up_notices_a_dead_server(tmp_path: Path, pubsub_emulat
     with pytest.raises(AssertionError, match="exited"):
         await wait_until_up(server, timeout=WAIT)
     server.stop()
+
+
+async def test_metrics_are_summed_over_workers(start_server: Any, topic: Topic) -> None:
+    server = await start_server(workers=2)
+    url = f"{server.url}/v1/topics/{topic.name}:publish"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def post() -> int:
+            async with session.post(url, json=BODY) as response:
+                await response.read()
+                return response.status
+
+        async with asyncio.timeout(WAIT):
+            statuses = await asyncio.gather(*(post() for _ in range(400)))
+        text = await (await session.get(f"{server.url}/metrics")).text()
+    assert statuses == [200] * 400
+    assert metric_value(text, "loopgate_publish_messages_total") == 400
+    # One publisher per worker, each created once at startup.
+    assert metric_value(text, "loopgate_client_creations_total", client="publisher") == 2
