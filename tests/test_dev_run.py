@@ -12,8 +12,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-
 from conftest import ROOT, WAIT
+
 from service.dev.emulators import free_port
 
 pytestmark = pytest.mark.server
