@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -112,6 +113,25 @@ def summarize(files: list[Path], cpu: float, requests: int, top: int) -> str:
     return "\n".join(lines)
 
 
+def batch_sizes(base_url: str) -> str:
+    """The mean messages per Pub/Sub publish call, from loopgate's own metrics."""
+    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for name in ("loopgate_publish_batch_messages_sum", "loopgate_publish_batch_messages_count",
+                 "loopgate_publish_latency_seconds_sum", "loopgate_publish_latency_seconds_count"):
+        found = re.search(rf"^{name} (\S+)$", text, re.M)
+        values[name] = float(found[1]) if found else 0.0
+    count = values["loopgate_publish_batch_messages_count"]
+    mean = values["loopgate_publish_batch_messages_sum"] / count if count else 0.0
+    waited = values["loopgate_publish_latency_seconds_count"]
+    latency = values["loopgate_publish_latency_seconds_sum"] / waited if waited else 0.0
+    return (
+        f"Pub/Sub publish calls: {count:,.0f}, {mean:.1f} messages per call on average; "
+        f"requests waited {1000 * latency:.1f} ms on average for Pub/Sub's answer"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -165,13 +185,17 @@ def main(argv: list[str] | None = None) -> int:
             )
             for pid, out in zip(workers, outputs, strict=True)
         ]
-        before = cpu_seconds(workers)
+        before = [cpu_seconds([pid]) for pid in workers]
         requests, rps = load(args.duration + 1)
-        cpu = cpu_seconds(workers) - before
+        split = [cpu_seconds([pid]) - b for pid, b in zip(workers, before, strict=True)]
+        cpu = sum(split)
         for process in spies:
             process.wait(timeout=60)
         print(f"{args.setup} at {args.connections} connections, {args.messages} message(s) "
               f"per request: {rps:,.0f} req/s while sampled (py-spy adds some load)\n")
+        print("CPU seconds per worker: " + ", ".join(f"{c:.1f}" for c in split))
+        if args.setup == "loopgate":
+            print(batch_sizes(server.base_url))
         print(summarize([out for out in outputs if out.exists()], cpu, requests, args.top))
         print(f"\ncollapsed stacks: {', '.join(str(o.relative_to(ROOT)) for o in outputs)}")
     finally:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from service.dev.emulators import EmulatorError, PubSubEmulator, free_port
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         emulator.stop()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     conditions.finish()
+    (scratch / "runs.json").write_text(json.dumps([asdict(run) for run in runs], indent=1))
     print()
     print(render_table(runs, conditions))
     if not args.no_write:

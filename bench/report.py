@@ -130,7 +130,8 @@ def render_table(runs: list[Run], conditions: Conditions) -> str:
     batched = sorted({(r.connections, r.messages) for r in runs if r.messages > 1})
     if batched:
         lines += ["", "| loopgate, batched | conns | messages/s | req/s | p50 ms | p99 ms "
-                  "| errors | messages/s per round |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+                  "| errors | server CPU us/msg | emulator CPU us/msg | messages/s per round |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for connections, messages in batched:
             chosen = _pick(runs, LOOPGATE, connections, messages)
             lines.append(
@@ -139,6 +140,8 @@ def render_table(runs: list[Run], conditions: Conditions) -> str:
                 f"| {median(r.p50_ms for r in chosen):.1f} "
                 f"| {median(r.p99_ms for r in chosen):.1f} "
                 f"| {sum(r.errors for r in chosen)} "
+                f"| {median(_per_message(r.server_cpu, r) for r in chosen):.1f} "
+                f"| {median(_per_message(r.emulator_cpu, r) for r in chosen):.1f} "
                 f"| {' / '.join(f'{r.mps:,.0f}' for r in chosen)} |"
             )
     lines += ["", *_targets(runs), "", *_noise(runs), "", conditions.markdown()]
@@ -181,6 +184,11 @@ def _noise(runs: list[Run]) -> list[str]:
 
 def _per_request(cpu: float, run: Run) -> float:
     return 1000 * cpu / run.requests if run.requests else 0.0
+
+
+def _per_message(cpu: float, run: Run) -> float:
+    """Microseconds of CPU per message."""
+    return 1e6 * cpu / (run.requests * run.messages) if run.requests else 0.0
 
 
 def _pct(value: float | None) -> str:
