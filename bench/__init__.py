@@ -1,0 +1,1 @@
+"""Benchmarks of loopgate against the usual alternatives; run with ``python -m bench.publish``."""

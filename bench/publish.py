@@ -1,0 +1,190 @@
+"""HTTP publish benchmark: loopgate against Flask (two client patterns) and a no-op Quart ceiling.
+
+Starts one Pub/Sub emulator and every server on loopback (2 workers each), then measures with wrk
+requests per second and p50/p99 latency at each connection count, in interleaved rounds so that
+noise on a shared machine spreads over all setups alike; then messages per second through loopgate
+with many messages per request. Prints a table and writes the "Publish" section of
+``bench/RESULTS.md``. Everything it starts it stops, by PID::
+
+    python -m bench.publish [--duration 10] [--rounds 3] [--connections 64,256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from service.dev.emulators import EmulatorError, PubSubEmulator, free_port
+from service.dev.run import create_topics
+
+from .load import Run, run_wrk
+from .procs import Server
+from .report import Conditions, render_table, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = "loopgate-bench"
+TOPIC = "bench"
+URL_PATH = f"/v1/topics/{TOPIC}:publish"
+PAYLOAD = base64.b64encode(b"loopgate-bench-" + b"x" * 49).decode()  # 64 bytes of data
+SETUPS = ("flask-per-request", "flask-global", "quart-noop", "loopgate")
+LABELS = {
+    "flask-per-request": "Flask, client per request (gunicorn gthread)",
+    "flask-global": "Flask, one global client (gunicorn gthread)",
+    "quart-noop": "Quart no-op (Hypercorn), the ceiling",
+    "loopgate": "loopgate (Hypercorn)",
+}
+
+
+def body(messages: int) -> bytes:
+    items = ",".join(f'{{"data":"{PAYLOAD}"}}' for _ in range(messages))
+    return f'{{"messages":[{items}]}}'.encode()
+
+
+def server_command(key: str, port: int, workers: int, threads: int, scratch: Path) -> list[str]:
+    bind = f"127.0.0.1:{port}"
+    if key.startswith("flask"):
+        module = key.replace("-", "_")
+        return [
+            sys.executable, "-m", "gunicorn", f"--workers={workers}", "--worker-class=gthread",
+            f"--threads={threads}", f"--bind={bind}", "--backlog=2048", "--keep-alive=75",
+            "--access-logfile=/dev/null", f"--error-logfile={scratch / (key + '.err')}",
+            f"bench.apps.{module}:app",
+        ]
+    app = "service:create_app()" if key == "loopgate" else "bench.apps.quart_noop:app"
+    return [
+        sys.executable, "-m", "hypercorn", "--config", str(ROOT / "hypercorn.toml"),
+        f"--workers={workers}", f"--bind={bind}", "--access-logfile=/dev/null",
+        f"--error-logfile={scratch / (key + '.err')}", app,
+    ]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.publish", description=(__doc__ or "").split("\n")[0]
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up per setup")
+    parser.add_argument("--connections", default="64,256", help="comma-separated counts")
+    parser.add_argument("--batch-size", type=int, default=100, help="messages per batched request")
+    parser.add_argument("--batch-connections", default="64", help="for the batched runs")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes per server")
+    parser.add_argument("--threads", type=int, default=16, help="threads per gunicorn worker")
+    parser.add_argument("--wrk-threads", type=int, default=2)
+    parser.add_argument("--setups", default=",".join(SETUPS), help="comma-separated subset")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    args.setups = [key for key in args.setups.split(",") if key]
+    unknown = set(args.setups) - set(SETUPS)
+    if unknown or not args.setups:
+        parser.error(f"unknown setups {sorted(unknown)}; known: {', '.join(SETUPS)}")
+    args.connections = [int(c) for c in args.connections.split(",") if c]
+    args.batch_connections = [int(c) for c in args.batch_connections.split(",") if c]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 1
+    conditions = Conditions.now(args)
+    scratch = ROOT / "bench" / "out" / time.strftime("%Y%m%d-%H%M%S")
+    scratch.mkdir(parents=True, exist_ok=True)
+    single, batched = scratch / "single.json", scratch / "batched.json"
+    single.write_bytes(body(1))
+    batched.write_bytes(body(args.batch_size))
+    try:
+        emulator = PubSubEmulator()
+    except EmulatorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    servers: dict[str, Server] = {}
+    runs: list[Run] = []
+    metrics_dir = Path(tempfile.mkdtemp(prefix="loopgate-bench-metrics-"))
+    try:
+        print(f"starting the Pub/Sub emulator on {emulator.host} ...", flush=True)
+        emulator.start()
+        assert emulator.process is not None
+        os.environ["PUBSUB_EMULATOR_HOST"] = emulator.host
+        create_topics(PROJECT, [TOPIC])
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("LOOPGATE_")},
+            "PYTHONPATH": str(ROOT),
+            "BENCH_PROJECT": PROJECT,
+            "LOOPGATE_PROJECT": PROJECT,
+            "LOOPGATE_TOPICS": TOPIC,
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        }
+        for key in args.setups:
+            port = free_port()
+            servers[key] = Server(
+                key, LABELS[key], server_command(key, port, args.workers, args.threads, scratch),
+                env, ROOT, scratch / f"{key}.out", port,
+            )
+            servers[key].start()
+        for server in servers.values():
+            server.wait_ready(URL_PATH, body(1), 1, timeout=90)
+            print(f"  {server.key} ready on {server.base_url} (pids {server.pids})", flush=True)
+
+        def measure(key: str, connections: int, messages: int, duration: float) -> Run:
+            assert emulator.process is not None
+            run = run_wrk(
+                servers[key], url_path=URL_PATH, body_file=batched if messages > 1 else single,
+                messages=messages, connections=connections, duration=duration,
+                threads=args.wrk_threads, emulator_pid=emulator.process.pid,
+            )
+            time.sleep(1.0)  # let the server settle between runs
+            return run
+
+        print("warming up ...", flush=True)
+        for key in servers:
+            measure(key, max(args.connections), 1, args.warmup)
+        if "loopgate" in servers and args.batch_size > 1:
+            measure("loopgate", max(args.batch_connections), args.batch_size, args.warmup)
+        keys = list(servers)
+        for round_ in range(args.rounds):
+            order = keys[round_ % len(keys) :] + keys[: round_ % len(keys)]
+            for connections in args.connections:
+                for key in order:
+                    run = measure(key, connections, 1, args.duration)
+                    runs.append(run)
+                    print(f"  round {round_ + 1}: {key:<18} c={connections:<4} "
+                          f"{run.rps:8.0f} req/s  p50 {run.p50_ms:7.1f} ms  "
+                          f"p99 {run.p99_ms:7.1f} ms  errors {run.errors}", flush=True)
+            if "loopgate" in servers and args.batch_size > 1:
+                for connections in args.batch_connections:
+                    run = measure("loopgate", connections, args.batch_size, args.duration)
+                    runs.append(run)
+                    print(f"  round {round_ + 1}: loopgate x{args.batch_size:<4}    "
+                          f"c={connections:<4} {run.mps:8.0f} msg/s  p99 {run.p99_ms:7.1f} ms  "
+                          f"errors {run.errors}", flush=True)
+    except (EmulatorError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for server in servers.values():
+            server.stop()
+        emulator.stop()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    conditions.finish()
+    (scratch / "runs.json").write_text(json.dumps([asdict(run) for run in runs], indent=1))
+    print()
+    print(render_table(runs, conditions))
+    if not args.no_write:
+        write_results(args.results, runs, conditions)
+        print(f"\nwrote {args.results.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
