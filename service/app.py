@@ -12,7 +12,7 @@ from werkzeug.exceptions import HTTPException
 
 from .clients import builtin_clients
 from .config import Settings, load_settings
-from .errors import ServiceError, error_body
+from .errors import ServiceError, describe_validation_error, error_body
 from .registry import ClientSpec, LoopRegistries, bind_registry
 from .routes import health, publish
 
@@ -78,7 +78,7 @@ def _register_error_handlers(app: Quart) -> None:
 
     @app.errorhandler(RequestSchemaValidationError)
     async def schema_error(error: RequestSchemaValidationError) -> tuple[Response, int]:
-        return jsonify(error_body(400, _validation_message(error.validation_error))), 400
+        return jsonify(error_body(400, describe_validation_error(error.validation_error))), 400
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> tuple[Response, int, dict[str, str]]:
@@ -94,16 +94,3 @@ def _register_error_handlers(app: Quart) -> None:
     async def unexpected(error: Exception) -> tuple[Response, int]:
         log.exception("unhandled error", exc_info=error)
         return jsonify(error_body(500, "internal error")), 500
-
-
-def _validation_message(error: Exception) -> str:
-    errors = getattr(error, "errors", None)
-    if not callable(errors):
-        return str(error)
-    parts = []
-    for item in errors():
-        location = ".".join(str(part) for part in item.get("loc", ()))
-        message = str(item.get("msg", "invalid"))
-        message = message.removeprefix("Value error, ")
-        parts.append(f"{location}: {message}" if location else message)
-    return "invalid request: " + "; ".join(parts)

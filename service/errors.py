@@ -131,3 +131,16 @@ def error_body(code: int, message: str, status: str | None = None) -> dict[str, 
             "message": message,
         }
     }
+
+
+def describe_validation_error(error: Exception) -> str:
+    """One line naming every invalid field of a pydantic ``ValidationError``."""
+    errors = getattr(error, "errors", None)
+    if not callable(errors):
+        return f"invalid request: {error}"
+    parts = []
+    for item in errors():
+        location = ".".join(str(part) for part in item.get("loc", ()))
+        message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{location}: {message}" if location else message)
+    return "invalid request: " + "; ".join(parts)

@@ -1,10 +1,12 @@
 """Batching publisher: many concurrent requests, few Pub/Sub calls, never blocking the loop.
 
 Requests hand their messages to :meth:`Publisher.publish` and await the message ids. Messages are
-gathered per topic (and per ordering key) into batches that are sent when one of three triggers fires:
-``max_messages``, ``max_bytes`` or ``max_latency`` after the batch's first message. Batches without an
-ordering key are sent concurrently; batches of one ordering key are sent one after the other, so the
-key's order holds, and once one fails the key's later batches fail too rather than overtake it.
+gathered per topic (and per ordering key) into batches. Batching adapts to load: when nothing of the
+key is in flight, a batch goes at the next loop turn (no added latency when idle); while batches are
+in flight, the next one gathers messages until an answer comes back, ``max_latency`` passes, or it
+holds ``max_messages`` / ``max_bytes``. At most ``MAX_CONCURRENT_BATCHES`` go out per key unless full.
+Batches of one ordering key are sent one after the other, so the key's order holds, and when one
+fails the batches queued behind it fail too rather than overtake it.
 
 Transient errors (unavailable, deadline, aborted, internal, resource exhausted) are retried with
 exponential backoff within ``publish_timeout``. The pending messages and bytes are bounded: past the
@@ -43,6 +45,9 @@ log = logging.getLogger("loopgate.publisher")
 RawMessage = Any  # google.pubsub.v1.PubsubMessage, the raw protobuf class
 RAW_MESSAGE: Any = PubsubMessage.pb()
 RAW_REQUEST: Any = PublishRequest.pb()
+
+# Batches of one (topic, ordering key) in flight at once before new ones wait for an answer.
+MAX_CONCURRENT_BATCHES = 4
 
 TRANSIENT = (
     gexc.ServiceUnavailable,
@@ -92,7 +97,7 @@ class _Batch:
     messages: list[RawMessage] = field(default_factory=list)
     owners: list[tuple[_Request, int]] = field(default_factory=list)
     size: int = 0
-    timer: asyncio.TimerHandle | None = None
+    timer: asyncio.Handle | None = None
 
 
 class Publisher:
@@ -105,6 +110,7 @@ class Publisher:
         self._open: dict[tuple[str, str], _Batch] = {}
         self._key_tails: dict[tuple[str, str], asyncio.Future[bool]] = {}
         self._in_flight: set[asyncio.Task[bool]] = set()
+        self._busy: dict[tuple[str, str], int] = {}  # batches in flight per (topic, key)
         self._pending_messages = 0
         self._pending_bytes = 0
         self._closed = False
@@ -176,14 +182,22 @@ class Publisher:
         if batch is None:
             batch = _Batch(topic, message.ordering_key)
             self._open[key] = batch
-            if settings.max_latency > 0:
-                batch.timer = self._loop.call_later(settings.max_latency, self._seal, key)
+            if not self._busy.get(key) or settings.max_latency == 0:
+                # Nothing of this key in flight: send at the next loop turn, together with
+                # whatever else this turn adds, rather than wait for the latency trigger.
+                batch.timer = self._loop.call_soon(self._seal, key)
             else:
-                batch.timer = self._loop.call_soon(self._seal, key)  # type: ignore[assignment]
+                batch.timer = self._loop.call_later(settings.max_latency, self._on_timer, key)
         batch.messages.append(message)
         batch.owners.append((request, index))
         batch.size += size
         if len(batch.messages) >= settings.max_messages or batch.size >= settings.max_bytes:
+            self._seal(key)
+
+    def _on_timer(self, key: tuple[str, str]) -> None:
+        # At the concurrency cap the batch waits for the next answer of its key instead (see
+        # _on_sent): under CPU saturation more concurrent calls would only shrink batches.
+        if self._busy.get(key, 0) < MAX_CONCURRENT_BATCHES:
             self._seal(key)
 
     def _seal(self, key: tuple[str, str]) -> None:
@@ -197,8 +211,20 @@ class Publisher:
         if batch.ordering_key:
             self._key_tails[key] = task
             task.add_done_callback(functools.partial(self._forget_tail, key))
+        self._busy[key] = self._busy.get(key, 0) + 1
+        task.add_done_callback(functools.partial(self._on_sent, key))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
+
+    def _on_sent(self, key: tuple[str, str], task: asyncio.Future[bool]) -> None:
+        busy = self._busy[key] - 1
+        if busy:
+            self._busy[key] = busy
+        else:
+            del self._busy[key]
+        # An answer frees a slot: the batch that gathered meanwhile goes now.
+        if key in self._open:
+            self._seal(key)
 
     def _forget_tail(self, key: tuple[str, str], task: asyncio.Future[bool]) -> None:
         if self._key_tails.get(key) is task:
