@@ -127,7 +127,8 @@ def topic(admin: PubSubAdmin) -> Topic:
 
 
 def make_settings(**overrides: Any) -> Settings:
-    values: dict[str, Any] = {"project": PROJECT, "topics": "*"}
+    # Authentication is off unless a test turns it on (tests/test_auth.py does).
+    values: dict[str, Any] = {"project": PROJECT, "topics": "*", "auth": "disabled"}
     values.update(overrides)
     return load_settings({}, **values)
 
@@ -194,6 +195,7 @@ def spawn_server(
         {
             "LOOPGATE_PROJECT": PROJECT,
             "LOOPGATE_TOPICS": "*",
+            "LOOPGATE_AUTH": "disabled",  # tests that need authentication pass "enabled"
             "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
         }
     )

@@ -17,9 +17,11 @@ from quart import Blueprint
 from quart_schema import document_response, validate_request
 
 from .. import metrics
+from ..auth import requires
 from ..clients import get_publisher
 from ..clients.publisher import RAW_MESSAGE
-from ..errors import InvalidArgument, NotFound, ServiceError, TopicNotFound
+from ..errors import ErrorResponse, InvalidArgument, NotFound, ServiceError, TopicNotFound
+from ..limits import publish_limited
 from ..registry import current_settings
 
 blueprint = Blueprint("publish", __name__)
@@ -101,8 +103,7 @@ class PublishResponse(BaseModel):
     messageIds: list[str]
 
 
-class Error(BaseModel):
-    error: dict[str, Any]
+Error = ErrorResponse
 
 
 def check_topic(topic: str) -> None:
@@ -135,10 +136,14 @@ async def _publish(topic: str, body: PublishRequest) -> dict[str, list[str]]:
 
 
 @blueprint.post("/v1/topics/<topic>:publish")
+@requires("publish", "topic")
+@publish_limited
 @validate_request(PublishRequest)
 @document_response(PublishResponse, 200)
 @document_response(Error, 400)
 @document_response(Error, 404)
+@document_response(Error, 413)
+@document_response(Error, 429)
 @document_response(Error, 503)
 async def publish(topic: str, data: PublishRequest) -> dict[str, list[str]]:
     """Publish messages to a topic; answers the message ids in request order."""
@@ -146,10 +151,14 @@ async def publish(topic: str, data: PublishRequest) -> dict[str, list[str]]:
 
 
 @blueprint.post("/v1/projects/<project>/topics/<topic>:publish")
+@requires("publish", "topic")
+@publish_limited
 @validate_request(PublishRequest)
 @document_response(PublishResponse, 200)
 @document_response(Error, 400)
 @document_response(Error, 404)
+@document_response(Error, 413)
+@document_response(Error, 429)
 @document_response(Error, 503)
 async def publish_project(project: str, topic: str, data: PublishRequest) -> dict[str, list[str]]:
     """Pub/Sub's own REST path, for existing Pub/Sub clients."""
