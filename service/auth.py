@@ -88,7 +88,9 @@ class Authenticator:
         if not self.enabled:
             return ANONYMOUS
         if not credential:
-            raise Unauthenticated("missing credentials: send 'Authorization: Bearer <token>'")
+            raise Unauthenticated(
+                "missing credentials: send the token in the Authorization header (Bearer scheme)"
+            )
         if len(credential) > _MAX_CREDENTIAL:
             raise Unauthenticated("invalid credentials", error="invalid_token")
         if self.jwt is not None and looks_like_jwt(credential):
@@ -186,14 +188,14 @@ def _credential(query_token: bool) -> str | None:
         scheme, _, value = header.strip().partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
             raise Unauthenticated(
-                "the Authorization header must be 'Bearer <token>'", error="invalid_request"
+                "the Authorization header must use the Bearer scheme", error="invalid_request"
             )
         return value.strip()
     if "access_token" in connection.args:
         if not (query_token or is_websocket):
             raise Unauthenticated(
                 "access_token in the query string is accepted for streams only; "
-                "send 'Authorization: Bearer <token>'",
+                "send the token in the Authorization header (Bearer scheme)",
                 error="invalid_request",
             )
         return connection.args["access_token"]
