@@ -89,6 +89,11 @@ def _register_error_handlers(app: Quart) -> None:
     async def schema_error(error: RequestSchemaValidationError) -> tuple[Response, int]:
         return jsonify(error_body(400, _validation_message(error.validation_error))), 400
 
+    @app.errorhandler(UnicodeDecodeError)
+    async def undecodable(error: UnicodeDecodeError) -> tuple[Response, int]:
+        # Quart decodes the body as UTF-8 before parsing JSON; bad bytes are the caller's fault.
+        return jsonify(error_body(400, "request body is not valid UTF-8")), 400
+
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> tuple[Response, int, dict[str, str]]:
         code = error.code or 500

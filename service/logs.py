@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from quart import Quart, Response, g, has_websocket_context, request, websocket
+from quart.typing import ResponseTypes
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _SANE_ID = re.compile(r"[A-Za-z0-9\-_.:]{1,128}")
@@ -142,7 +143,7 @@ def init_request_ids(app: Quart) -> None:
         return response
 
     @app.after_websocket
-    async def return_ws_id(response: Response | None) -> Response | None:
+    async def return_ws_id(response: ResponseTypes | None) -> ResponseTypes | None:
         request_id = g.get("loopgate_request_id")
         if response is not None and request_id:
             response.headers[REQUEST_ID_HEADER] = request_id
