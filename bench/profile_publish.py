@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             **{k: v for k, v in os.environ.items() if not k.startswith("LOOPGATE_")},
             "PYTHONPATH": str(ROOT), "BENCH_PROJECT": PROJECT, "LOOPGATE_PROJECT": PROJECT,
             "LOOPGATE_TOPICS": TOPIC, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            "LOOPGATE_AUTH": "disabled",
         }
         port = free_port()
         command = server_command(args.setup, port, args.workers, args.threads, scratch)

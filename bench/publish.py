@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             "PYTHONPATH": str(ROOT),
             "BENCH_PROJECT": PROJECT,
             "LOOPGATE_PROJECT": PROJECT,
+            "LOOPGATE_AUTH": "disabled",  # the peers have no auth either
             "LOOPGATE_TOPICS": TOPIC,
             "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         }

@@ -10,9 +10,12 @@ from quart import Quart, Response, jsonify
 from quart_schema import Info, QuartSchema, RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
+from . import limits
+from .auth import SECURITY_SCHEMES, init_auth
 from .clients import builtin_clients
 from .config import Settings, load_settings
 from .errors import ServiceError, describe_validation_error, error_body
+from .logs import configure_logging, init_request_ids
 from .registry import ClientSpec, LoopRegistries, bind_registry
 from .routes import health, publish
 
@@ -33,10 +36,16 @@ def create_app(
         SettingsError: a ``LOOPGATE_*`` variable is unknown or invalid.
     """
     settings = settings if settings is not None else load_settings()
+    configure_logging(settings.log_format, settings.log_level)
     app = Quart("loopgate")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["QUART_SCHEMA_CONVERT_CASING"] = False
-    QuartSchema(app, info=Info(title="loopgate", version="0.1.0"))
+    QuartSchema(
+        app, info=Info(title="loopgate", version="0.1.0"), security_schemes=SECURITY_SCHEMES
+    )
+    init_request_ids(app)
+    init_auth(app, settings)
+    app.extensions[limits.EXTENSION] = limits.Limiter(settings)
 
     loops = LoopRegistries([*builtin_clients(), *clients], settings)
     app.extensions["loopgate"] = loops
@@ -79,6 +88,11 @@ def _register_error_handlers(app: Quart) -> None:
     @app.errorhandler(RequestSchemaValidationError)
     async def schema_error(error: RequestSchemaValidationError) -> tuple[Response, int]:
         return jsonify(error_body(400, describe_validation_error(error.validation_error))), 400
+
+    @app.errorhandler(UnicodeDecodeError)
+    async def undecodable(error: UnicodeDecodeError) -> tuple[Response, int]:
+        # Quart decodes the body as UTF-8 before parsing JSON; bad bytes are the caller's fault.
+        return jsonify(error_body(400, "request body is not valid UTF-8")), 400
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> tuple[Response, int, dict[str, str]]:

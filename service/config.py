@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "LOOPGATE_"
@@ -49,7 +50,34 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
 
-    @field_validator("topics", mode="before")
+    # Authentication (service/auth.py): on unless explicitly "disabled".
+    auth: Literal["enabled", "disabled"] = Field(default="enabled")
+    auth_file: Path | None = Field(default=None, description="TOML file of API tokens.")
+    auth_reload_interval: float = Field(
+        default=2.0, ge=0, description="Seconds between checks of the token file (0: SIGHUP only)."
+    )
+    jwt_secret: SecretStr | None = Field(default=None, description="HS256 shared secret.")
+    jwt_public_key_file: Path | None = Field(default=None, description="RS256/ES256 PEM key.")
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_scope_claim: str = Field(default="scope", min_length=1)
+    jwt_leeway: float = Field(default=10.0, ge=0, description="Clock skew allowed (seconds).")
+    jwt_max_ttl: float = Field(default=86400.0, gt=0, description="Longest JWT lifetime accepted.")
+    allowed_origins: CommaList = Field(
+        default=(), description="Browser origins allowed to open websockets ('*': any)."
+    )
+
+    # Per-token limits, per worker process (service/limits.py); 0 turns a rate limit off.
+    publish_rate: float = Field(default=200.0, ge=0, description="Publish requests/s per token.")
+    publish_burst: int = Field(default=400, ge=1)
+    publish_byte_rate: float = Field(default=20 * 1024 * 1024, ge=0, description="Bytes/s.")
+    publish_byte_burst: int = Field(default=40 * 1024 * 1024, ge=1)
+    max_connections_per_token: int = Field(default=100, ge=1)
+
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("topics", "allowed_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):

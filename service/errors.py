@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
+from pydantic import BaseModel
+
 # HTTP status -> Google canonical status name, for errors that did not come from a ServiceError.
 CANONICAL_STATUS: dict[int, str] = {
     400: "INVALID_ARGUMENT",
@@ -111,6 +113,56 @@ class BackendError(Unavailable):
         self.backend = backend
 
 
+class Unauthenticated(ServiceError):
+    """No credentials, or credentials that are not valid: answered 401 with ``WWW-Authenticate``.
+
+    ``error`` is the RFC 6750 error code (``invalid_request``, ``invalid_token``) or ``None`` when
+    no credentials were sent at all. Messages never contain the credential itself.
+    """
+
+    status_code = 401
+    status = "UNAUTHENTICATED"
+
+    def __init__(self, message: str, *, error: str | None = None) -> None:
+        super().__init__(message)
+        self.error = error
+
+    def headers(self) -> dict[str, str]:
+        challenge = 'Bearer realm="loopgate"'
+        if self.error:
+            challenge += f', error="{self.error}", error_description="{_quote(self.message)}"'
+        return {"WWW-Authenticate": challenge}
+
+
+class Forbidden(ServiceError):
+    """Valid credentials without the scope the request needs: answered 403."""
+
+    status_code = 403
+    status = "PERMISSION_DENIED"
+
+    def __init__(self, message: str, *, scope: str | None = None) -> None:
+        super().__init__(message)
+        self.scope = scope
+
+    def headers(self) -> dict[str, str]:
+        if self.scope is None:
+            return {}
+        return {
+            "WWW-Authenticate": f'Bearer realm="loopgate", error="insufficient_scope", '
+            f'scope="{_quote(self.scope)}"'
+        }
+
+
+class RateLimited(ServiceError):
+    """A per-token limit is reached: answered 429 with ``Retry-After``."""
+
+    status_code = 429
+    status = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
 class ForeignLoopError(ServiceError, RuntimeError):
     """A client made on one event loop was used from another one."""
 
@@ -120,6 +172,17 @@ class ForeignLoopError(ServiceError, RuntimeError):
             "reach it through its accessor inside the loop that serves the request"
         )
         self.client = client
+
+
+class ErrorResponse(BaseModel):
+    """The JSON error body, for the OpenAPI description."""
+
+    error: dict[str, Any]
+
+
+def _quote(text: str) -> str:
+    """``text`` made safe inside a quoted header parameter."""
+    return "".join(c for c in text if c.isprintable() and c not in '"\\')
 
 
 def error_body(code: int, message: str, status: str | None = None) -> dict[str, Any]:

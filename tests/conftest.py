@@ -127,7 +127,8 @@ def topic(admin: PubSubAdmin) -> Topic:
 
 
 def make_settings(**overrides: Any) -> Settings:
-    values: dict[str, Any] = {"project": PROJECT, "topics": "*"}
+    # Authentication is off unless a test turns it on (tests/test_auth.py does).
+    values: dict[str, Any] = {"project": PROJECT, "topics": "*", "auth": "disabled"}
     values.update(overrides)
     return load_settings({}, **values)
 
@@ -184,7 +185,12 @@ class Server:
 
 
 def spawn_server(
-    tmp_path: Path, env: dict[str, str] | None = None, *, workers: int = 1, port: int | None = None
+    tmp_path: Path,
+    env: dict[str, str] | None = None,
+    *,
+    workers: int = 1,
+    port: int | None = None,
+    app: str = "service:create_app()",
 ) -> Server:
     port = port or free_port()
     log_path = tmp_path / f"hypercorn-{port}.log"
@@ -194,6 +200,7 @@ def spawn_server(
         {
             "LOOPGATE_PROJECT": PROJECT,
             "LOOPGATE_TOPICS": "*",
+            "LOOPGATE_AUTH": "disabled",  # tests that need authentication pass "enabled"
             "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
         }
     )
@@ -210,7 +217,7 @@ def spawn_server(
                 f"127.0.0.1:{port}",
                 "--workers",
                 str(workers),
-                "service:create_app()",
+                app,
             ],
             cwd=ROOT,
             env=full_env,
@@ -243,9 +250,13 @@ def start_server(tmp_path: Path, pubsub_emulator: PubSubEmulator) -> Iterator[Ca
     servers: list[Server] = []
 
     async def start(
-        env: dict[str, str] | None = None, *, workers: int = 1, wait: str | None = "/healthz"
+        env: dict[str, str] | None = None,
+        *,
+        workers: int = 1,
+        wait: str | None = "/healthz",
+        app: str = "service:create_app()",
     ) -> Server:
-        server = spawn_server(tmp_path, env, workers=workers)
+        server = spawn_server(tmp_path, env, workers=workers, app=app)
         servers.append(server)
         if wait:
             await wait_until_up(server, wait)

@@ -182,3 +182,11 @@ async def test_unknown_route_and_method_are_json(app: Quart) -> None:
     assert wrong.status_code == 405
     assert (await wrong.get_json())["error"]["code"] == 405
     assert "POST" in wrong.headers["Allow"]
+
+
+async def test_a_body_that_is_not_utf8_is_400(app: Quart) -> None:
+    response = await app.test_client().post(
+        "/v1/topics/abc:publish", data=b"\xff\xfe{", headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert (await response.get_json())["error"]["status"] == "INVALID_ARGUMENT"

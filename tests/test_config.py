@@ -51,6 +51,7 @@ def test_missing_project_is_named() -> None:
 
 def test_create_app_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOOPGATE_PROJECT", "from-env")
+    monkeypatch.setenv("LOOPGATE_AUTH", "disabled")
     monkeypatch.setenv("LOOPGATE_BOGUS", "1")
     with pytest.raises(SettingsError, match="LOOPGATE_BOGUS"):
         create_app()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,11 +67,21 @@ async def test_make_run_serves_and_ctrl_c_stops_everything(tmp_path: Path) -> No
             assert make.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, log_path.read_text()
             await asyncio.sleep(0.2)
+        printed = log_path.read_text(errors="replace")
+        token = re.search(r"token: +(lg_\S+)", printed)
+        assert token, printed
+        assert f"Authorization: Bearer {token[1]}" in printed  # the curl example
+        assert f"access_token={token[1]}" in printed  # the websocket example
+        body = {"messages": [{"data": "aGk="}]}
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{base}/readyz") as response:
                 assert response.status == 200, await response.text()
+            async with session.post(f"{base}/v1/topics/demo:publish", json=body) as response:
+                assert response.status == 401, await response.text()
             async with session.post(
-                f"{base}/v1/topics/demo:publish", json={"messages": [{"data": "aGk="}]}
+                f"{base}/v1/topics/demo:publish",
+                json=body,
+                headers={"Authorization": f"Bearer {token[1]}"},
             ) as response:
                 assert response.status == 200, await response.text()
         started = descendants(make.pid)

@@ -4,6 +4,10 @@ Starts the Pub/Sub and Cloud Storage emulators on free ports, creates the config
 ``demo`` topic), then runs Hypercorn with ``hypercorn.toml`` in the foreground. Ctrl-C or SIGTERM stops
 Hypercorn first (gracefully), then the emulators: nothing is left running.
 
+Authentication stays on: unless ``LOOPGATE_AUTH_FILE`` or ``LOOPGATE_AUTH`` is set, a development
+token (scope ``*``) is kept in ``.loopgate/dev-token`` (outside git) and its digest written to
+``.loopgate/dev-tokens.toml``; the token is printed with ready-made examples.
+
 Environment: ``PORT`` (default 8080) and ``WORKERS`` (default: hypercorn.toml's); every ``LOOPGATE_*``
 variable is passed through to the service.
 """
@@ -22,11 +26,32 @@ from pathlib import Path
 from google.api_core.exceptions import AlreadyExists
 from google.cloud import pubsub_v1
 
+from ..auth_tokens import entry_toml, new_token
 from .emulators import EmulatorError, PubSubEmulator, StorageEmulator
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_TOPIC = "demo"
 DEFAULT_PROJECT = "loopgate-local"
+DEV_DIR = ROOT / ".loopgate"
+# The stream route the websocket example uses.
+STREAM_EXAMPLE_PATH = f"/v1/topics/{DEMO_TOPIC}:stream"
+
+
+def dev_token(directory: Path = DEV_DIR) -> tuple[str, Path]:
+    """The development token (made once, then reused) and the token file that admits it."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    token_path = directory / "dev-token"
+    token = token_path.read_text().strip() if token_path.exists() else ""
+    if not token:
+        token = new_token()
+        token_path.touch(mode=0o600)
+        token_path.write_text(token + "\n")
+    tokens_path = directory / "dev-tokens.toml"
+    tokens_path.write_text(
+        "# Development token for `make run` (scope *). Not for production.\n"
+        + entry_toml("dev", token, ["*"])
+    )
+    return token, tokens_path
 
 
 def create_topics(project: str, topics: list[str]) -> None:
@@ -64,6 +89,10 @@ def main() -> int:
     env = dict(os.environ)
     env.setdefault("LOOPGATE_PROJECT", DEFAULT_PROJECT)
     env.setdefault("LOOPGATE_TOPICS", DEMO_TOPIC)
+    token = ""
+    if "LOOPGATE_AUTH_FILE" not in env and "LOOPGATE_AUTH" not in env:
+        token, tokens_path = dev_token()
+        env["LOOPGATE_AUTH_FILE"] = str(tokens_path)
     topics = sorted(
         {DEMO_TOPIC} | {t.strip() for t in env["LOOPGATE_TOPICS"].split(",") if t.strip() != "*"}
     )
@@ -99,15 +128,23 @@ def main() -> int:
         hypercorn = subprocess.Popen(command, env=env, cwd=ROOT, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/healthz", 60, hypercorn)
+        auth = f"-H 'Authorization: Bearer {token}' " if token else ""
         print(
             f"\nloopgate is running on {base}  (Ctrl-C stops everything)\n"
             f"  project {env['LOOPGATE_PROJECT']}, topics: {', '.join(topics)}\n"
             f"  docs:    {base}/docs\n"
             f"  ready:   {base}/readyz\n"
             f"  metrics: {base}/metrics\n"
-            f"  publish: curl -s -X POST {base}/v1/topics/{DEMO_TOPIC}:publish "
+            + (f"  token:   {token}  (development token, scope *)\n" if token else "")
+            + f"  publish: curl -s -X POST {base}/v1/topics/{DEMO_TOPIC}:publish {auth}"
             "-H 'Content-Type: application/json' "
-            '-d \'{"messages": [{"data": "aGVsbG8="}]}\'\n',
+            '-d \'{"messages": [{"data": "aGVsbG8="}]}\'\n'
+            + (
+                f"  websocket: websocat 'ws://127.0.0.1:{port}{STREAM_EXAMPLE_PATH}"
+                f"?access_token={token}'\n"
+                if token
+                else ""
+            ),
             flush=True,
         )
         while not stop.is_set() and hypercorn.poll() is None:

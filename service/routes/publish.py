@@ -18,15 +18,18 @@ from quart import Blueprint, Response, jsonify, request
 from quart_schema import document_request, document_response
 
 from .. import metrics
+from ..auth import requires
 from ..clients import get_publisher
 from ..clients.publisher import RAW_MESSAGE
 from ..errors import (
+    ErrorResponse,
     InvalidArgument,
     NotFound,
     ServiceError,
     TopicNotFound,
     describe_validation_error,
 )
+from ..limits import publish_limited
 from ..registry import current_settings
 
 blueprint = Blueprint("publish", __name__)
@@ -111,8 +114,7 @@ class PublishResponse(BaseModel):
     messageIds: list[str]
 
 
-class Error(BaseModel):
-    error: dict[str, Any]
+Error = ErrorResponse
 
 
 def check_topic(topic: str) -> None:
@@ -138,7 +140,7 @@ async def _publish(topic: str) -> Response:
     check_topic(topic)
     try:
         # Validated straight from the bytes by pydantic-core: no separate JSON parse.
-        body = PublishRequest.model_validate_json(await request.get_data(cache=False))
+        body = PublishRequest.model_validate_json(await request.get_data())
     except ValidationError as exc:
         raise InvalidArgument(describe_validation_error(exc)) from None
     messages = to_raw_messages(body)
@@ -153,12 +155,21 @@ async def _publish(topic: str) -> Response:
 
 
 def _documented(route: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
-    for code, model in ((200, PublishResponse), (400, Error), (404, Error), (503, Error)):
+    for code, model in (
+        (200, PublishResponse),
+        (400, Error),
+        (404, Error),
+        (413, Error),
+        (429, Error),
+        (503, Error),
+    ):
         route = document_response(model, code)(route)
     return document_request(PublishRequest)(route)
 
 
 @blueprint.post("/v1/topics/<topic>:publish")
+@requires("publish", "topic")
+@publish_limited
 @_documented
 async def publish(topic: str) -> Response:
     """Publish messages to a topic; answers the message ids in request order."""
@@ -166,6 +177,8 @@ async def publish(topic: str) -> Response:
 
 
 @blueprint.post("/v1/projects/<project>/topics/<topic>:publish")
+@requires("publish", "topic")
+@publish_limited
 @_documented
 async def publish_project(project: str, topic: str) -> Response:
     """Pub/Sub's own REST path, for existing Pub/Sub clients."""
