@@ -12,10 +12,13 @@ from werkzeug.exceptions import HTTPException
 
 from . import metrics
 from .clients import builtin_clients
+from .clients.streaming import STREAMING
 from .config import Settings, load_settings
 from .errors import ServiceError, error_body
+from .fanout import FANOUT
 from .registry import ClientSpec, LoopRegistries, bind_registry
-from .routes import health, publish
+from .routes import health, publish, stream
+from .shutdown import GATE
 
 log = logging.getLogger("loopgate")
 
@@ -39,11 +42,12 @@ def create_app(
     app.config["QUART_SCHEMA_CONVERT_CASING"] = False
     QuartSchema(app, info=Info(title="loopgate", version="0.1.0"))
 
-    loops = LoopRegistries([*builtin_clients(), *clients], settings)
+    loops = LoopRegistries([*builtin_clients(), GATE, STREAMING, FANOUT, *clients], settings)
     app.extensions["loopgate"] = loops
 
     app.register_blueprint(health.blueprint)
     app.register_blueprint(publish.blueprint)
+    app.register_blueprint(stream.blueprint)
     _register_error_handlers(app)
 
     @app.before_request

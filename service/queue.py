@@ -1,0 +1,125 @@
+"""Queue mode: one websocket consumes an existing subscription, acking and nacking by ``ackId``.
+
+Each connection runs its own streaming pull on the subscription, so several connections share its
+messages the way Pub/Sub consumers do. The threaded client's flow control caps the messages a
+connection holds (``queue_max_outstanding``) and its lease management extends their ack deadlines
+while the client holds them, up to ``queue_max_lease`` seconds; after that Pub/Sub redelivers them.
+A nack, and every message still held when the connection ends, is nacked so Pub/Sub redelivers it
+at once (at-least-once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+from google.cloud import pubsub_v1
+
+from .clients.streaming import StreamingPull
+from .config import Settings
+from .listener import CLOSE_GOING_AWAY, StreamClosed, encode_message
+
+
+class QueueConsumer:
+    """The messages of one subscription for one connection."""
+
+    def __init__(self, client: pubsub_v1.SubscriberClient, subscription: str, settings: Settings):
+        self._loop = asyncio.get_running_loop()
+        self._incoming: deque[Any] = deque()
+        self._held: dict[str, tuple[Any, float]] = {}
+        self._notices: list[str] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._max_lease = settings.queue_max_lease
+        self.closed: StreamClosed | None = None
+        flow = pubsub_v1.types.FlowControl(
+            max_messages=settings.queue_max_outstanding,
+            max_lease_duration=settings.queue_max_lease,
+        )
+        self.pull = StreamingPull(client, subscription, self._on_messages, flow)
+
+    def start(self) -> None:
+        self.pull.start()
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def _on_messages(self, messages: list[Any]) -> None:
+        if self.closed is not None:
+            for message in messages:
+                message.nack()
+            return
+        self._incoming.extend(messages)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def notify(self, text: str) -> None:
+        """Queue a control frame (an error answer) for the writer."""
+        self._notices.append(text)
+        self._wake()
+
+    def shutdown(self) -> None:
+        self.close(CLOSE_GOING_AWAY, "server shutting down")
+
+    def close(self, code: int, reason: str) -> None:
+        if self.closed is None:
+            self.closed = StreamClosed(code, reason)
+            self._wake()
+
+    async def get(self) -> list[str]:
+        """The next frames to send: notices, then every waiting message as one frame each.
+
+        Raises:
+            StreamClosed: the server ends the stream.
+        """
+        while True:
+            if self.closed is not None:
+                raise self.closed
+            if self._notices or self._incoming:
+                texts, self._notices = self._notices, []
+                now = self._loop.time()
+                while self._incoming:
+                    message = self._incoming.popleft()
+                    self._held[message.ack_id] = (message, now)
+                    texts.append(encode_message(message, ack_id=message.ack_id).text)
+                self._forget_expired(now)
+                return texts
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def _forget_expired(self, now: float) -> None:
+        # Past the maximum lease the client library lets go of a message and Pub/Sub redelivers it.
+        expired = [ack_id for ack_id, (_, since) in self._held.items() if now - since > self._max_lease]
+        for ack_id in expired:
+            del self._held[ack_id]
+
+    def settle(self, ack_ids: list[str], *, ack: bool) -> list[str]:
+        """Ack (or nack) held messages; returns the ids that are not held."""
+        unknown = []
+        for ack_id in ack_ids:
+            entry = self._held.pop(ack_id, None)
+            if entry is None:
+                unknown.append(ack_id)
+            elif ack:
+                entry[0].ack()
+            else:
+                entry[0].nack()
+        return unknown
+
+    async def aclose(self) -> None:
+        """Stop pulling and nack everything held or not yet sent."""
+        self.close(CLOSE_GOING_AWAY, "connection closed")
+        # Nacked before the stream stops: the stream's dispatcher sends them as it winds down.
+        for message, _ in self._held.values():
+            message.nack()
+        self._held.clear()
+        while self._incoming:
+            self._incoming.popleft().nack()
+        await self.pull.stop()
