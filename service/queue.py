@@ -5,26 +5,41 @@ messages the way Pub/Sub consumers do. The threaded client's flow control caps t
 connection holds (``queue_max_outstanding``) and its lease management extends their ack deadlines
 while the client holds them, up to ``queue_max_lease`` seconds; after that Pub/Sub redelivers them.
 A nack, and every message still held when the connection ends, is nacked so Pub/Sub redelivers it
-at once (at-least-once).
+at once (at-least-once). Messages held at the end are nacked with a unary call after the stream has
+stopped: nacked earlier, Pub/Sub could hand them straight back to the stream that is closing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from typing import Any
 
+from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
+from google.pubsub_v1 import SubscriberAsyncClient
 
 from .clients.streaming import StreamingPull
 from .config import Settings
 from .listener import CLOSE_GOING_AWAY, StreamClosed, encode_message
 
+log = logging.getLogger("loopgate.queue")
+
 
 class QueueConsumer:
     """The messages of one subscription for one connection."""
 
-    def __init__(self, client: pubsub_v1.SubscriberClient, subscription: str, settings: Settings):
+    def __init__(
+        self,
+        client: pubsub_v1.SubscriberClient,
+        admin: SubscriberAsyncClient,
+        subscription: str,
+        settings: Settings,
+    ) -> None:
+        self._admin = admin
+        self._subscription = subscription
+        self._late: list[Any] = []
         self._loop = asyncio.get_running_loop()
         self._incoming: deque[Any] = deque()
         self._held: dict[str, tuple[Any, float]] = {}
@@ -47,8 +62,7 @@ class QueueConsumer:
 
     def _on_messages(self, messages: list[Any]) -> None:
         if self.closed is not None:
-            for message in messages:
-                message.nack()
+            self._late.extend(messages)
             return
         self._incoming.extend(messages)
         self._wake()
@@ -116,10 +130,18 @@ class QueueConsumer:
     async def aclose(self) -> None:
         """Stop pulling and nack everything held or not yet sent."""
         self.close(CLOSE_GOING_AWAY, "connection closed")
-        # Nacked before the stream stops: the stream's dispatcher sends them as it winds down.
-        for message, _ in self._held.values():
-            message.nack()
-        self._held.clear()
-        while self._incoming:
-            self._incoming.popleft().nack()
         await self.pull.stop()
+        ack_ids = [*self._held, *(m.ack_id for m in self._incoming), *(m.ack_id for m in self._late)]
+        self._held.clear()
+        self._incoming.clear()
+        self._late.clear()
+        for start in range(0, len(ack_ids), 1000):
+            try:
+                await self._admin.modify_ack_deadline(
+                    subscription=self._subscription,
+                    ack_ids=ack_ids[start : start + 1000],
+                    ack_deadline_seconds=0,
+                    timeout=10,
+                )
+            except gexc.GoogleAPICallError as exc:
+                log.warning("nacking held messages failed (they return at their deadline): %s", exc)

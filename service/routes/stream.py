@@ -190,7 +190,7 @@ async def subscription_stream(subscription: str) -> None:
         raise BackendError("pubsub", exc.message or str(exc)) from exc
     client = await STREAMING.get()
     with gate.connection():
-        consumer = QueueConsumer(client, path, current_settings())
+        consumer = QueueConsumer(client, admin, path, current_settings())
         gate.on_close(consumer.shutdown)
         reader: asyncio.Future[None] | None = None
         try:
