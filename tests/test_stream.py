@@ -255,7 +255,8 @@ async def test_clients_receive_again_after_the_emulator_restarts(tmp_path: Path,
         await wait_until_up(server)
         async with aiohttp.ClientSession() as session:
             ws = await connect(session, server, "restart-topic")
-            assert (await receive(ws, 1)).ids == await publish(session, server, "restart-topic", 1)
+            first = await publish(session, server, "restart-topic", 1)
+            assert (await receive(ws, 1)).ids == first
             await asyncio.to_thread(emulator.stop)
             await asyncio.to_thread(emulator.start)  # same port, empty: no topic, no subscription
             await asyncio.to_thread(publisher.create_topic, name=path)
