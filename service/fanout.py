@@ -122,7 +122,9 @@ class Hub:
     # -- subscribers ----------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, topic: str, *, heartbeat: float | None = None) -> AsyncIterator[Listener]:
+    async def subscribe(
+        self, topic: str, *, heartbeat: float | None = None
+    ) -> AsyncIterator[Listener]:
         """A listener receiving every message published to ``topic`` from now on.
 
         Raises:

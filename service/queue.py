@@ -110,7 +110,9 @@ class QueueConsumer:
 
     def _forget_expired(self, now: float) -> None:
         # Past the maximum lease the client library lets go of a message and Pub/Sub redelivers it.
-        expired = [ack_id for ack_id, (_, since) in self._held.items() if now - since > self._max_lease]
+        expired = [
+            ack_id for ack_id, (_, since) in self._held.items() if now - since > self._max_lease
+        ]
         for ack_id in expired:
             del self._held[ack_id]
 
@@ -131,7 +133,11 @@ class QueueConsumer:
         """Stop pulling and nack everything held or not yet sent."""
         self.close(CLOSE_GOING_AWAY, "connection closed")
         await self.pull.stop()
-        ack_ids = [*self._held, *(m.ack_id for m in self._incoming), *(m.ack_id for m in self._late)]
+        ack_ids = [
+            *self._held,
+            *(m.ack_id for m in self._incoming),
+            *(m.ack_id for m in self._late),
+        ]
         self._held.clear()
         self._incoming.clear()
         self._late.clear()

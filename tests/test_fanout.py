@@ -60,7 +60,9 @@ async def test_websocket_through_test_client(client: Any, topic: Topic) -> None:
         assert json.loads(await ws.receive()) == {"type": "subscribed", "topic": topic.name}
         response = await client.post(
             f"/v1/topics/{topic.name}:publish",
-            json={"messages": [{"data": base64.b64encode(b"x").decode(), "attributes": {"k": "v"}}]},
+            json={
+                "messages": [{"data": base64.b64encode(b"x").decode(), "attributes": {"k": "v"}}]
+            },
         )
         ids = (await response.get_json())["messageIds"]
         async with asyncio.timeout(WAIT):
@@ -155,21 +157,28 @@ async def test_stream_resumes_after_its_subscription_is_deleted(
         assert got[0] in again
 
 
-async def test_sweep_deletes_own_leftovers_only(app: Quart, admin: PubSubAdmin, topic: Topic) -> None:
+async def test_sweep_deletes_own_leftovers_only(
+    app: Quart, admin: PubSubAdmin, topic: Topic
+) -> None:
     hub = await _hub(app)
     dead_pid = 2**22 + 12345  # above Linux's pid_max default: no such process
     mine = f"{hub.prefix}{hub.host}.{dead_pid}.abcdef.{topic.name}"
     alive = f"{hub.prefix}{hub.host}.{os.getppid()}.abcdef.{topic.name}"
     other_host = f"{hub.prefix}elsewhere.{dead_pid}.abcdef.{topic.name}"
     unrelated = f"someone-else.{hub.host}.{dead_pid}.abcdef.{topic.name}"
-    paths = [admin.subscriber.subscription_path(PROJECT, n) for n in (mine, alive, other_host, unrelated)]
+    paths = [
+        admin.subscriber.subscription_path(PROJECT, n) for n in (mine, alive, other_host, unrelated)
+    ]
     for path in paths:
         admin.subscriber.create_subscription(
             request={"name": path, "topic": admin.publisher.topic_path(PROJECT, topic.name)}
         )
     deleted = await hub.sweep()
     assert deleted == [paths[0]]
-    remaining = {s.name for s in admin.subscriber.list_subscriptions(request={"project": f"projects/{PROJECT}"})}
+    remaining = {
+        s.name
+        for s in admin.subscriber.list_subscriptions(request={"project": f"projects/{PROJECT}"})
+    }
     assert paths[0] not in remaining
     assert set(paths[1:]) <= remaining
     for path in paths[1:]:

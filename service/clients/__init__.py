@@ -13,9 +13,9 @@ import aiohttp
 from google.pubsub_v1 import SubscriberAsyncClient
 
 from ..registry import ClientSpec
-from .session import HTTP
 from .publisher import Publisher
 from .pubsub import CREDENTIALS, PUBLISHER, SUBSCRIBER
+from .session import HTTP
 
 
 def builtin_clients() -> list[ClientSpec[Any]]:

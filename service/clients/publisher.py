@@ -29,7 +29,13 @@ from google.pubsub_v1 import PublisherAsyncClient
 from google.pubsub_v1.types import PublishRequest, PubsubMessage
 
 from .. import metrics
-from ..errors import BackendError, ClientUnavailable, ForeignLoopError, PublisherOverloaded, TopicNotFound
+from ..errors import (
+    BackendError,
+    ClientUnavailable,
+    ForeignLoopError,
+    PublisherOverloaded,
+    TopicNotFound,
+)
 
 log = logging.getLogger("loopgate.publisher")
 

@@ -99,7 +99,10 @@ class StreamingPull:
                 self.restarts += 1
                 log.warning(
                     "streaming pull of %s stopped (%s: %s); restarting in %.1fs",
-                    self.subscription, type(exc).__name__, str(exc)[:200], delay,
+                    self.subscription,
+                    type(exc).__name__,
+                    str(exc)[:200],
+                    delay,
                 )
             if self._loop.time() - started > 10 * RETRY_MAX:
                 delay = RETRY_INITIAL  # it ran for a while: a new outage starts a new backoff
@@ -148,7 +151,7 @@ def _stop(future: Any) -> None:
     future.cancel()
     try:
         future.result(timeout=10)
-    except Exception:  # noqa: S110  (the stream's own end error is irrelevant once stopped)
+    except Exception:
         pass
 
 

@@ -167,13 +167,24 @@ async def _read_settlements(consumer: QueueConsumer) -> None:
                     raise ValueError
                 unknown = consumer.settle(ids, ack=key == "ack")
                 if unknown:
-                    consumer.notify(json.dumps(
-                        {"type": "error", "message": f"{key}: unknown ackIds", "ackIds": unknown}
-                    ))
+                    consumer.notify(
+                        json.dumps(
+                            {
+                                "type": "error",
+                                "message": f"{key}: unknown ackIds",
+                                "ackIds": unknown,
+                            }
+                        )
+                    )
         except ValueError:
-            consumer.notify(json.dumps(
-                {"type": "error", "message": 'expected {"ack": [ackId, ...]} or {"nack": [...]}'}
-            ))
+            consumer.notify(
+                json.dumps(
+                    {
+                        "type": "error",
+                        "message": 'expected {"ack": [ackId, ...]} or {"nack": [...]}',
+                    }
+                )
+            )
 
 
 @blueprint.websocket("/v1/subscriptions/<subscription>/stream")
@@ -185,7 +196,9 @@ async def subscription_stream(subscription: str) -> None:
     try:
         await admin.get_subscription(subscription=path, timeout=10)
     except gexc.NotFound:
-        raise NotFound(f"subscription {subscription!r} does not exist", resource=subscription) from None
+        raise NotFound(
+            f"subscription {subscription!r} does not exist", resource=subscription
+        ) from None
     except gexc.GoogleAPICallError as exc:
         raise BackendError("pubsub", exc.message or str(exc)) from exc
     client = await STREAMING.get()
