@@ -108,8 +108,16 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
+def worker_pid(master: int) -> int:
+    """The Hypercorn worker among the master's children (not multiprocessing's resource tracker)."""
+    for child in Path(f"/proc/{master}/task/{master}/children").read_text().split():
+        if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+            return int(child)
+    raise RuntimeError("no Hypercorn worker process found")
+
+
 def worker_rss_kib(process: subprocess.Popen[bytes]) -> int:
-    pid = int(Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()[0])
+    pid = worker_pid(process.pid)
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
