@@ -13,11 +13,14 @@ from werkzeug.exceptions import HTTPException
 from . import limits
 from .auth import SECURITY_SCHEMES, init_auth
 from .clients import builtin_clients
+from .clients.streaming import STREAMING
 from .config import Settings, load_settings
 from .errors import ServiceError, describe_validation_error, error_body
+from .fanout import FANOUT
 from .logs import configure_logging, init_request_ids
 from .registry import ClientSpec, LoopRegistries, bind_registry
-from .routes import health, publish
+from .routes import health, publish, stream
+from .shutdown import GATE
 
 log = logging.getLogger("loopgate")
 
@@ -47,11 +50,12 @@ def create_app(
     init_auth(app, settings)
     app.extensions[limits.EXTENSION] = limits.Limiter(settings)
 
-    loops = LoopRegistries([*builtin_clients(), *clients], settings)
+    loops = LoopRegistries([*builtin_clients(), GATE, STREAMING, FANOUT, *clients], settings)
     app.extensions["loopgate"] = loops
 
     app.register_blueprint(health.blueprint)
     app.register_blueprint(publish.blueprint)
+    app.register_blueprint(stream.blueprint)
     _register_error_handlers(app)
 
     @app.before_request

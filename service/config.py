@@ -77,7 +77,32 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("topics", "allowed_origins", mode="before")
+    # Websocket and SSE subscribers (see service/fanout.py and service/routes/stream.py).
+    subscriptions: CommaList = Field(
+        default=(), description="Subscriptions served in queue mode (comma separated; '*' all)."
+    )
+    stream_max_connections: int = Field(default=10_000, ge=1, description="Per worker.")
+    stream_queue_size: int = Field(default=1000, ge=1, description="Messages per connection.")
+    stream_slow_policy: Literal["drop-oldest", "close"] = Field(
+        default="drop-oldest",
+        description="A full connection queue drops its oldest or closes (1013).",
+    )
+    stream_max_frame_messages: int = Field(default=500, ge=1, description="Per coalesced frame.")
+    stream_idle_timeout: float = Field(
+        default=3600.0,
+        ge=0,
+        description="Close a connection without traffic either way (0: never).",
+    )
+    stream_heartbeat: float = Field(default=15.0, gt=0, description="SSE comment interval.")
+    fanout_prefix: str = Field(default="loopgate", pattern=r"^[a-z][a-z0-9-]{0,30}$")
+    fanout_grace: float = Field(
+        default=30.0, ge=0, description="Keep a topic's subscription after its last subscriber."
+    )
+    fanout_max_outstanding: int = Field(default=5000, ge=1)
+    queue_max_outstanding: int = Field(default=100, ge=1, description="Per queue connection.")
+    queue_max_lease: float = Field(default=600.0, ge=10, description="Longest a message is held.")
+
+    @field_validator("topics", "subscriptions", "allowed_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -87,6 +112,10 @@ class Settings(BaseSettings):
     def topic_allowed(self, topic: str) -> bool:
         """Whether ``topic`` (a short name) is in the ``LOOPGATE_TOPICS`` allowlist."""
         return "*" in self.topics or topic in self.topics
+
+    def subscription_allowed(self, subscription: str) -> bool:
+        """Whether ``subscription`` is in the ``LOOPGATE_SUBSCRIPTIONS`` allowlist."""
+        return "*" in self.subscriptions or subscription in self.subscriptions
 
     def topic_path(self, topic: str) -> str:
         return f"projects/{self.project}/topics/{topic}"

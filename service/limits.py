@@ -141,6 +141,16 @@ class Limiter:
     def open_connections(self, identity: Identity) -> int:
         return self._connections.get(identity.name, 0)
 
+    def check_slot(self, identity: Identity) -> None:
+        """Raise :class:`RateLimited` if the identity holds its maximum of stream connections."""
+        if identity.kind == "anonymous":
+            return
+        limit = self.max_connections(identity)
+        if self._connections.get(identity.name, 0) >= limit:
+            raise RateLimited(
+                f"{identity.name!r} already has {limit} open streams", retry_after=1.0
+            )
+
     @asynccontextmanager
     async def slot(self, identity: Identity) -> AsyncIterator[None]:
         """Hold one of the identity's stream connections while the block runs.
@@ -148,16 +158,11 @@ class Limiter:
         Raises:
             RateLimited: the identity already holds its maximum.
         """
+        self.check_slot(identity)
         if identity.kind == "anonymous":
             yield
             return
-        count = self._connections.get(identity.name, 0)
-        limit = self.max_connections(identity)
-        if count >= limit:
-            raise RateLimited(
-                f"{identity.name!r} already has {limit} open streams", retry_after=1.0
-            )
-        self._connections[identity.name] = count + 1
+        self._connections[identity.name] = self._connections.get(identity.name, 0) + 1
         try:
             yield
         finally:

@@ -69,6 +69,39 @@ PUBLISH_PENDING = Gauge(
     multiprocess_mode="livesum",
 )
 
+STREAM_SUBSCRIBERS = Gauge(
+    "loopgate_stream_subscribers",
+    "Connected websocket and SSE subscribers, per topic.",
+    ["topic"],
+    multiprocess_mode="livesum",
+)
+STREAM_DELIVERIES = Counter(
+    "loopgate_stream_deliveries",
+    "Messages written to subscriber connections, per topic.",
+    ["topic"],
+)
+STREAM_DROPS = Counter(
+    "loopgate_stream_drops",
+    "Messages dropped from slow subscribers' queues (or connections closed: reason=closed).",
+    ["topic", "reason"],
+)
+STREAM_QUEUE_DEPTH = Gauge(
+    "loopgate_stream_queue_depth",
+    "Messages waiting in subscriber queues (sampled every second).",
+    multiprocess_mode="livesum",
+)
+STREAM_LATENCY = Histogram(
+    "loopgate_stream_delivery_latency_seconds",
+    "Time from Pub/Sub's publish time to writing the message to a subscriber (per frame, oldest "
+    "message of the frame).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+FANOUT_SUBSCRIPTIONS = Gauge(
+    "loopgate_fanout_subscriptions",
+    "Pub/Sub subscriptions this instance holds for fan-out.",
+    multiprocess_mode="livesum",
+)
+
 
 def render() -> tuple[bytes, str]:
     """The metrics of every worker of this instance, in Prometheus text format."""

@@ -19,7 +19,13 @@ async def test_readyz_lists_every_eager_client(client: Any) -> None:
     assert response.status_code == 200
     body = await response.get_json()
     assert body["status"] == "ready"
-    assert body["clients"] == {"http": "ok", "publisher": "ok", "subscriber": "ok"}
+    assert body["clients"] == {
+        "http": "ok",
+        "publisher": "ok",
+        "subscriber": "ok",
+        "connection-gate": "ok",
+        "fanout": "ok",
+    }
 
 
 async def test_metrics_count_publishes(client: Any, topic: Topic) -> None:

@@ -222,9 +222,27 @@ class Publisher:
             self._busy[key] = busy
         else:
             del self._busy[key]
-        # An answer frees a slot: the batch that gathered meanwhile goes now.
-        if key in self._open:
+        if key not in self._open:
+            return
+        if key[1] and (task.cancelled() or not task.result()):
+            # The key's order is broken: what gathered behind the failed batch fails too.
+            self._fail_open(key, _ordering_error(key[1]))
+        else:
+            # An answer frees a slot: the batch that gathered meanwhile goes now.
             self._seal(key)
+
+    def _fail_open(self, key: tuple[str, str], error: Exception) -> None:
+        batch = self._open.pop(key)
+        if batch.timer is not None:
+            batch.timer.cancel()
+        for owner, _ in batch.owners:
+            owner.fail(error)
+        self._release(batch)
+
+    def _release(self, batch: _Batch) -> None:
+        self._pending_messages -= len(batch.messages)
+        self._pending_bytes -= batch.size
+        metrics.PUBLISH_PENDING.dec(len(batch.messages))
 
     def _forget_tail(self, key: tuple[str, str], task: asyncio.Future[bool]) -> None:
         if self._key_tails.get(key) is task:
@@ -236,11 +254,7 @@ class Publisher:
             if previous is not None:
                 await asyncio.wait([previous])
                 if previous.cancelled() or not previous.result():
-                    raise BackendError(
-                        "pubsub",
-                        f"an earlier publish with ordering key {batch.ordering_key!r} failed; "
-                        "later messages of the key were not published to keep its order",
-                    )
+                    raise _ordering_error(batch.ordering_key)
             request = RAW_REQUEST(topic=batch.topic, messages=batch.messages)
             try:
                 response = await self._client.publish(
@@ -278,9 +292,7 @@ class Publisher:
                 owner.fail(error)
             raise
         finally:
-            self._pending_messages -= len(batch.messages)
-            self._pending_bytes -= batch.size
-            metrics.PUBLISH_PENDING.dec(len(batch.messages))
+            self._release(batch)
 
     async def flush(self) -> None:
         """Send every open batch now and wait until every batch sent so far is answered."""
@@ -296,3 +308,11 @@ class Publisher:
             await self.flush()
         finally:
             await self._client.transport.close()  # type: ignore[no-untyped-call]
+
+
+def _ordering_error(ordering_key: str) -> BackendError:
+    return BackendError(
+        "pubsub",
+        f"an earlier publish with ordering key {ordering_key!r} failed; later messages of the "
+        "key were not published to keep its order",
+    )

@@ -1,0 +1,327 @@
+"""Websocket fan-out benchmark: deliveries per second and publish-to-receive latency on one worker.
+
+Runs, side by side, at 100, 1,000 and 5,000 websocket clients of one Hypercorn worker:
+
+* ``ceiling``: the same server with the hub fed by a timer in the worker (no Pub/Sub): the most one
+  worker can deliver;
+* ``pubsub``: the service as shipped: one Pub/Sub subscription per worker, fanned out;
+* ``naive``: one Pub/Sub subscription and streaming pull per websocket (100 clients only unless
+  ``--naive-all``: it falls over well before 1,000).
+
+The offered load is ``--deliveries`` per second in all (messages per second = deliveries / clients).
+Messages are published straight to the emulator from this process, so the server only fans out.
+The load client is Node.js ``ws`` (bench/stream_client.js; ``npm install`` in bench/ first).
+Also measures the worker's memory per idle connection. Everything runs on loopback and stops by itself.
+
+    python -m bench.stream [--deliveries 50000] [--measure 8] [--write bench/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = "loopgate-bench"
+TOPIC = "bench-stream"
+APPS = {
+    "ceiling": "bench.stream_app:ceiling_app()",
+    "pubsub": "service:create_app()",
+    "naive": "bench.stream_app:naive_app()",
+}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(mode: str, rate: float, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPGATE_")}
+    env.update(
+        {
+            "LOOPGATE_PROJECT": PROJECT,
+            "LOOPGATE_TOPICS": TOPIC,
+            "LOOPGATE_STREAM_MAX_CONNECTIONS": "20000",
+            "BENCH_TOPIC": TOPIC,
+            "BENCH_RATE": str(rate),
+            "PROMETHEUS_MULTIPROC_DIR": str(log.parent / f"metrics-{port}"),
+        }
+    )
+    os.makedirs(env["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hypercorn",
+                "--config",
+                str(ROOT / "hypercorn.toml"),
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                "1",
+                "--backlog",
+                "8192",
+                "--error-logfile",
+                "-",
+                "--access-logfile",
+                "/dev/null",
+                APPS[mode],
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                return process, port
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"{mode} server did not start; see {log}")
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(40)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def worker_pid(master: int) -> int:
+    """The Hypercorn worker among the master's children (not multiprocessing's resource tracker)."""
+    for child in Path(f"/proc/{master}/task/{master}/children").read_text().split():
+        if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+            return int(child)
+    raise RuntimeError("no Hypercorn worker process found")
+
+
+def worker_rss_kib(process: subprocess.Popen[bytes]) -> int:
+    pid = worker_pid(process.pid)
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Publisher(threading.Thread):
+    """Publishes ``rate`` messages per second to the emulator until stopped."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__(daemon=True)
+        from google.cloud import pubsub_v1
+
+        self.client = pubsub_v1.PublisherClient(
+            batch_settings=pubsub_v1.types.BatchSettings(max_latency=0.005)
+        )
+        self.path = self.client.topic_path(PROJECT, TOPIC)
+        self.rate = rate
+        self.stop_event = threading.Event()
+        self.sent = 0
+
+    def run(self) -> None:
+        start = time.monotonic()
+        while not self.stop_event.wait(0.01):
+            due = int((time.monotonic() - start) * self.rate) - self.sent
+            for _ in range(max(0, due)):
+                self.client.publish(self.path, b"x" * 64)
+            self.sent += max(0, due)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join()
+        self.client.stop()
+
+
+def run_client(
+    url: str, clients: int, warmup: float, measure: float, on_connected: Any = None
+) -> dict[str, Any]:
+    process = subprocess.Popen(
+        [
+            "node",
+            str(ROOT / "bench" / "stream_client.js"),
+            url,
+            str(clients),
+            str(warmup),
+            str(measure),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    result: dict[str, Any] = {}
+    try:
+        deadline = time.monotonic() + warmup + measure + 120
+        for line in process.stdout:
+            event = json.loads(line)
+            if event["event"] == "connected" and on_connected is not None:
+                on_connected(event)
+            if event["event"] == "result":
+                result = event
+                break
+            if time.monotonic() > deadline:
+                break
+    finally:
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return result
+
+
+def one_run(
+    mode: str, clients: int, deliveries: float, measure: float, out: Path
+) -> dict[str, Any]:
+    rate = deliveries / clients
+    server, port = start_server(mode, rate, out / f"{mode}-{clients}.log")
+    publisher = None
+    path = "/naive" if mode == "naive" else "/v1/topics"
+    memory: dict[str, Any] = {}
+    try:
+        rss0 = worker_rss_kib(server)
+        if mode != "ceiling":
+
+            def connected(event: dict[str, Any]) -> None:
+                memory["per_connection_kib"] = (worker_rss_kib(server) - rss0) / max(
+                    1, event["open"]
+                )
+                nonlocal publisher
+                publisher = Publisher(rate)
+                publisher.start()
+        else:
+
+            def connected(event: dict[str, Any]) -> None:
+                memory["per_connection_kib"] = None
+
+        result = run_client(
+            f"ws://127.0.0.1:{port}{path}/{TOPIC}/stream", clients, 3.0, measure, connected
+        )
+    finally:
+        if publisher is not None:
+            publisher.stop()
+        stop_server(server)
+    result.update(mode=mode, offered=deliveries, rate=rate, **memory)
+    return result
+
+
+def idle_memory(clients: int, out: Path) -> float:
+    """KiB of worker memory per idle subscriber (no messages flowing)."""
+    server, port = start_server("pubsub", 0, out / "idle.log")
+    try:
+        time.sleep(1)
+        rss0 = worker_rss_kib(server)
+        seen: dict[str, float] = {}
+
+        def connected(event: dict[str, Any]) -> None:
+            time.sleep(2)
+            seen["kib"] = (worker_rss_kib(server) - rss0) / max(1, event["open"])
+
+        run_client(f"ws://127.0.0.1:{port}/v1/topics/{TOPIC}/stream", clients, 0.1, 0.1, connected)
+    finally:
+        stop_server(server)
+    return seen.get("kib", float("nan"))
+
+
+def conditions() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), load average before the run {load}; Python "
+        f"{platform.python_version()}, Node {node}; Pub/Sub emulator on loopback; one Hypercorn "
+        "worker (uvloop); load client: one Node.js process; all on the same machine."
+    )
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| design | clients | offered/s | delivered/s | p50 ms | p99 ms | max ms | dropped | open "
+        "| KiB/conn |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        kib = r.get("per_connection_kib")
+        lines.append(
+            f"| {r['mode']} | {r['clients']} | {r['offered']:.0f} | {r.get('per_second', 0):.0f} | "
+            f"{r.get('p50_ms')} | {r.get('p99_ms')} | {r.get('max_ms')} | {r.get('dropped', 0)} | "
+            f"{r.get('open')}/{r['clients']} | {'' if kib is None else f'{kib:.1f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--deliveries", type=float, default=50_000)
+    parser.add_argument("--measure", type=float, default=8.0)
+    parser.add_argument("--clients", default="100,1000,5000")
+    parser.add_argument("--naive-all", action="store_true")
+    parser.add_argument("--write", type=Path)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from service.dev.emulators import PubSubEmulator
+
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    header = conditions()
+    emulator = PubSubEmulator().start()
+    os.environ["PUBSUB_EMULATOR_HOST"] = emulator.host
+    results: list[dict[str, Any]] = []
+    try:
+        from google.cloud import pubsub_v1
+
+        admin = pubsub_v1.PublisherClient()
+        admin.create_topic(name=admin.topic_path(PROJECT, TOPIC))
+        admin.stop()
+        for clients in [int(c) for c in args.clients.split(",")]:
+            for mode in ("ceiling", "pubsub", "naive"):
+                if mode == "naive" and clients > 100 and not args.naive_all:
+                    continue
+                result = one_run(mode, clients, args.deliveries, args.measure, out)
+                print(json.dumps(result), flush=True)
+                results.append(result)
+        idle = idle_memory(5000, out)
+        print(json.dumps({"idle_kib_per_connection_5000": idle}), flush=True)
+    finally:
+        emulator.stop()
+    report = (
+        f"Conditions: {header}\n\nOffered load {args.deliveries:.0f} deliveries/s, "
+        f"measured over {args.measure:g} s after a 3 s warm-up.\n\n{table(results)}\n\n"
+        f"Idle memory: {idle:.1f} KiB per connection (5,000 idle websockets, worker RSS).\n"
+    )
+    print(report)
+    if args.write:
+        args.write.with_suffix(".stream.md").write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""Per-worker fan-out: one Pub/Sub subscription per topic, shared by every local subscriber.
+
+::
+
+    hub = await FANOUT.get()
+    async with hub.subscribe("orders") as listener:
+        while True:
+            batch = await listener.get()      # raises StreamClosed when the server ends it
+
+The first local subscriber of a topic creates the worker's subscription to it and starts one
+streaming pull; the last one to leave schedules its deletion ``fanout_grace`` seconds later (a
+subscriber arriving meanwhile keeps it). Because every worker of every instance holds its own
+subscription, every subscriber everywhere receives every message. The subscription's name tells its
+host and worker (``<prefix>-fanout.<host>.<pid>.<token>.<topic>``), it carries labels, Pub/Sub's
+shortest expiration policy (1 day of inactivity) and shortest retention (10 minutes), so the
+subscription of a worker that crashed disappears by itself. At startup a worker deletes the
+leftovers of its own prefix and host: subscriptions of processes that are gone, and subscriptions
+whose topic was deleted.
+
+Each received batch is serialized once (:func:`~service.listener.encode_message`), put in every
+local subscriber's bounded queue, and then acked. A full queue drops its oldest messages (the client
+is told how many) or closes the connection with 1013, per ``stream_slow_policy``; it never delays
+the other subscribers. The streaming pull resumes by itself after errors (see
+:mod:`service.clients.streaming`); when the subscription is gone (an emulator restart, a deleted
+topic) it is created again, and connected subscribers receive again once it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import secrets
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.api_core import exceptions as gexc
+from google.cloud import pubsub_v1
+from google.protobuf import duration_pb2
+from google.pubsub_v1 import SubscriberAsyncClient
+from google.pubsub_v1.types import ExpirationPolicy, Subscription
+
+from . import metrics
+from .clients.pubsub import SUBSCRIBER
+from .clients.streaming import STREAMING, StreamingPull
+from .config import Settings
+from .errors import BackendError, TopicNotFound, Unavailable
+from .listener import CLOSE_GOING_AWAY, CLOSE_NORMAL, Frame, Listener, encode_message
+from .registry import ClientSpec, current_settings
+from .shutdown import GATE, ConnectionGate
+
+log = logging.getLogger("loopgate.fanout")
+
+EXPIRATION = duration_pb2.Duration(seconds=24 * 3600)  # Pub/Sub's minimum
+RETENTION = duration_pb2.Duration(seconds=600)  # Pub/Sub's minimum
+SAMPLE_INTERVAL = 1.0
+READY_TIMEOUT = 15.0
+
+
+def _label(value: str) -> str:
+    return re.sub(r"[^a-z0-9_-]", "-", value.lower())[:63]
+
+
+@dataclass(eq=False)
+class _Feed:
+    topic: str
+    subscription: str
+    listeners: set[Listener] = field(default_factory=set)
+    created: asyncio.Task[None] | None = None
+    pull: StreamingPull | None = None
+    linger: asyncio.TimerHandle | None = None
+    subscribers_gauge: Any = None
+    drops: Any = None
+
+
+class Hub:
+    """The fan-out of one event loop (one Hypercorn worker)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        admin: SubscriberAsyncClient,
+        streaming: pubsub_v1.SubscriberClient | None,
+        gate: ConnectionGate,
+    ) -> None:
+        self.settings = settings
+        self.admin = admin
+        self.streaming = streaming
+        self.gate = gate
+        self.host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+        self.pid = os.getpid()
+        self.token = secrets.token_hex(3)
+        self.prefix = f"{settings.fanout_prefix}-fanout."
+        self._loop = asyncio.get_running_loop()
+        self._feeds: dict[str, _Feed] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._sampler = self._spawn(self._sample())
+        gate.on_close(self.begin_shutdown)
+
+    @classmethod
+    async def create(cls) -> Hub:
+        settings = current_settings()
+        hub = cls(settings, await SUBSCRIBER.get(), await STREAMING.get(), await GATE.get())
+        hub._spawn(hub.sweep())
+        return hub
+
+    def subscription_path(self, topic: str) -> str:
+        name = f"{self.prefix}{self.host}.{self.pid}.{self.token}.{topic[:150]}"
+        return f"projects/{self.settings.project}/subscriptions/{name}"
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- subscribers ----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def subscribe(
+        self, topic: str, *, heartbeat: float | None = None
+    ) -> AsyncIterator[Listener]:
+        """A listener receiving every message published to ``topic`` from now on.
+
+        Raises:
+            TopicNotFound: the topic does not exist.
+            Unavailable: Pub/Sub cannot be reached, or the worker is shutting down.
+        """
+        if self._closing:
+            raise Unavailable("the server is shutting down")
+        feed = self._feeds.get(topic)
+        if feed is None:
+            feed = self._feeds[topic] = self._open(topic)
+        if feed.linger is not None:
+            feed.linger.cancel()
+            feed.linger = None
+        settings = self.settings
+        listener = Listener(
+            topic,
+            capacity=settings.stream_queue_size,
+            close_when_full=settings.stream_slow_policy == "close",
+            max_frame=settings.stream_max_frame_messages,
+            heartbeat=heartbeat,
+        )
+        feed.listeners.add(listener)
+        counted = False
+        try:
+            assert feed.created is not None
+            try:
+                async with asyncio.timeout(READY_TIMEOUT):
+                    await asyncio.shield(feed.created)
+            except TimeoutError:
+                raise Unavailable(f"subscribing to topic {topic!r} timed out") from None
+            feed.subscribers_gauge.inc()
+            counted = True
+            yield listener
+        finally:
+            feed.listeners.discard(listener)
+            if counted:
+                feed.subscribers_gauge.dec()
+            if not feed.listeners and not self._closing and self._feeds.get(topic) is feed:
+                if feed.created is not None and feed.created.done() and feed.created.exception():
+                    self._feeds.pop(topic)
+                else:
+                    feed.linger = self._loop.call_later(
+                        settings.fanout_grace, self._retire_later, feed
+                    )
+
+    def _open(self, topic: str) -> _Feed:
+        feed = _Feed(topic, self.subscription_path(topic))
+        feed.subscribers_gauge = metrics.STREAM_SUBSCRIBERS.labels(topic=topic)
+        feed.drops = metrics.STREAM_DROPS.labels(topic=topic, reason="dropped")
+        feed.created = self._spawn(self._start_feed(feed))
+        # Retrieved here so that a failure no subscriber awaits is not reported as unretrieved.
+        feed.created.add_done_callback(lambda task: task.cancelled() or task.exception())
+        return feed
+
+    async def _start_feed(self, feed: _Feed) -> None:
+        await self._create_subscription(feed)
+        assert self.streaming is not None
+        flow = pubsub_v1.types.FlowControl(max_messages=self.settings.fanout_max_outstanding)
+        feed.pull = StreamingPull(
+            self.streaming,
+            feed.subscription,
+            lambda messages: self._dispatch(feed, messages),
+            flow,
+            prepare=lambda: self._create_subscription(feed, again=True),
+        )
+        feed.pull.start()
+
+    async def _create_subscription(self, feed: _Feed, *, again: bool = False) -> None:
+        request = Subscription(
+            name=feed.subscription,
+            topic=self.settings.topic_path(feed.topic),
+            labels={
+                "loopgate": "fanout",
+                "host": _label(self.host),
+                "pid": str(self.pid),
+                "topic": _label(feed.topic),
+            },
+            expiration_policy=ExpirationPolicy(ttl=EXPIRATION),
+            message_retention_duration=RETENTION,
+            ack_deadline_seconds=10,
+        )
+        try:
+            await self.admin.create_subscription(request=request, timeout=10)
+        except gexc.AlreadyExists:
+            return
+        except gexc.NotFound as exc:
+            raise TopicNotFound(feed.topic) from exc
+        except gexc.GoogleAPICallError as exc:
+            raise BackendError("pubsub", exc.message or str(exc)) from exc
+        if not again:
+            metrics.FANOUT_SUBSCRIPTIONS.inc()
+        log.info("created fan-out subscription %s", feed.subscription)
+
+    def _dispatch(self, feed: _Feed, messages: list[Any]) -> None:
+        """Serialize once, queue for every subscriber, then ack."""
+        frames = [encode_message(message) for message in messages]
+        self.fanout(feed.topic, frames)
+        for message in messages:
+            message.ack()
+
+    def fanout(self, topic: str, frames: list[Frame]) -> None:
+        """Put ``frames`` in the queue of every local subscriber of ``topic``."""
+        feed = self._feeds.get(topic)
+        if feed is None or not feed.listeners:
+            return
+        dropped = 0
+        for listener in tuple(feed.listeners):
+            dropped += listener.put_many(frames)
+        if dropped:
+            feed.drops.inc(dropped)
+
+    # -- retiring subscriptions -----------------------------------------------------------
+
+    def _retire_later(self, feed: _Feed) -> None:
+        feed.linger = None
+        if self._feeds.get(feed.topic) is feed and not feed.listeners:
+            del self._feeds[feed.topic]
+            self._spawn(self._retire(feed))
+
+    async def _retire(self, feed: _Feed) -> None:
+        if feed.created is not None and not feed.created.done():
+            feed.created.cancel()
+        if feed.pull is not None:
+            await feed.pull.stop()
+        if feed.created is None or feed.created.cancelled() or feed.created.exception():
+            return
+        try:
+            await self.admin.delete_subscription(subscription=feed.subscription, timeout=10)
+            log.info("deleted fan-out subscription %s", feed.subscription)
+        except gexc.NotFound:
+            pass
+        except gexc.GoogleAPICallError as exc:
+            log.warning("deleting %s failed (it expires by itself): %s", feed.subscription, exc)
+        metrics.FANOUT_SUBSCRIPTIONS.dec()
+
+    def begin_shutdown(self) -> None:
+        """Close every subscriber with 1001, then delete the subscriptions (in the background)."""
+        if self._closing:
+            return
+        self._closing = True
+        feeds, self._feeds = list(self._feeds.values()), {}
+        for feed in feeds:
+            if feed.linger is not None:
+                feed.linger.cancel()
+            for listener in tuple(feed.listeners):
+                listener.close(CLOSE_GOING_AWAY, "server shutting down")
+            self._spawn(self._retire(feed))
+
+    async def aclose(self) -> None:
+        """Close subscribers, delete subscriptions and wait for every task of the hub."""
+        self.begin_shutdown()
+        self._sampler.cancel()
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- housekeeping ---------------------------------------------------------------------
+
+    async def _sample(self) -> None:
+        """Every second: the queue-depth gauge, idle timeouts and SSE heartbeats."""
+        depth = metrics.STREAM_QUEUE_DEPTH
+        idle = self.settings.stream_idle_timeout
+        while True:
+            await asyncio.sleep(SAMPLE_INTERVAL)
+            now = self._loop.time()
+            total = 0
+            for feed in list(self._feeds.values()):
+                for listener in tuple(feed.listeners):
+                    total += len(listener)
+                    if idle and now - listener.last_activity > idle:
+                        listener.close(CLOSE_NORMAL, "idle timeout")
+                    elif listener.heartbeat and now - listener.last_write >= listener.heartbeat:
+                        listener.request_heartbeat()
+            depth.set(total)
+
+    async def sweep(self) -> list[str]:
+        """Delete leftover fan-out subscriptions of this prefix and host; returns their paths."""
+        deleted: list[str] = []
+        try:
+            pager = await self.admin.list_subscriptions(
+                project=f"projects/{self.settings.project}", timeout=10
+            )
+            async for subscription in pager:
+                if self._is_leftover(subscription):
+                    with contextlib.suppress(gexc.NotFound):
+                        await self.admin.delete_subscription(
+                            subscription=subscription.name, timeout=10
+                        )
+                    deleted.append(subscription.name)
+        except gexc.GoogleAPICallError as exc:
+            log.warning("sweeping leftover fan-out subscriptions failed: %s", exc)
+        if deleted:
+            log.info("deleted %d leftover fan-out subscriptions", len(deleted))
+        return deleted
+
+    def _is_leftover(self, subscription: Subscription) -> bool:
+        name = subscription.name.rsplit("/", 1)[-1]
+        if not name.startswith(self.prefix):
+            return False
+        if subscription.topic == "_deleted-topic_":
+            return True
+        parts = name[len(self.prefix) :].split(".", 3)
+        if len(parts) < 4 or parts[0] != self.host or not parts[1].isdigit():
+            return False
+        pid, token = int(parts[1]), parts[2]
+        if pid == self.pid:
+            return token != self.token
+        return not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def _close_hub(hub: Hub) -> None:
+    await hub.aclose()
+
+
+FANOUT: ClientSpec[Hub] = ClientSpec("fanout", create=Hub.create, close=_close_hub)

@@ -1,0 +1,246 @@
+"""Subscribers: websocket and Server-Sent Events streams of a topic, and queue mode.
+
+``GET /v1/topics/{topic}/stream`` (websocket). The first frame is ``{"type": "subscribed", "topic":
+...}``; every message published to the topic after it follows as a text frame::
+
+    {"type": "message", "messageId": "...", "data": "<base64>", "attributes": {...},
+     "orderingKey": "", "publishTime": "2025-01-01T00:00:00.123456Z"}
+
+When several messages wait for one connection they arrive together in one frame, in order:
+``{"type": "messages", "messages": [<message>, ...]}`` (each item exactly as a single ``message``
+frame). A connection that reads too slowly loses its oldest waiting messages and is told
+``{"type": "dropped", "count": N}`` (``LOOPGATE_STREAM_SLOW_POLICY=drop-oldest``, the default), or is
+closed with 1013 (``close``). Frames the client sends are read and ignored. At shutdown the server
+closes with 1001; after ``LOOPGATE_STREAM_IDLE_TIMEOUT`` seconds without traffic either way, with 1000.
+
+``GET /v1/topics/{topic}/events`` (``text/event-stream``): the same stream as SSE. The first event is
+the ``subscribed`` JSON; then each message is an event with ``id:`` its message id and ``data:`` the
+same JSON as the websocket frame (never coalesced), a drop notice is an event without id, and a
+comment line is sent as a heartbeat every ``LOOPGATE_STREAM_HEARTBEAT`` seconds. ``Last-Event-ID``
+cannot resume: a reconnecting client receives the messages published after its new ``subscribed``
+event; those published while it was away are not replayed (Pub/Sub keeps no per-client position).
+
+``GET /v1/subscriptions/{subscription}/stream`` (websocket, queue mode): the messages of an existing
+subscription (allowed by ``LOOPGATE_SUBSCRIPTIONS``), each frame a ``message`` with an ``ackId``.
+The client answers ``{"ack": [ackId, ...]}`` or ``{"nack": [ackId, ...]}``; unknown ids are answered
+with ``{"type": "error", ...}``. See :mod:`service.queue`.
+
+Errors before the stream starts are answered as HTTP errors: 400 bad name, 404 topic/subscription
+not served or missing, 503 (``Retry-After``) when Pub/Sub is down, at the connection limit
+(``LOOPGATE_STREAM_MAX_CONNECTIONS``) or shutting down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from google.api_core import exceptions as gexc
+from quart import Blueprint, Response, websocket
+from quart_schema import document_response
+
+from .. import metrics
+from ..auth import current_identity, requires
+from ..clients.pubsub import SUBSCRIBER
+from ..clients.streaming import STREAMING
+from ..errors import BackendError, ErrorResponse, InvalidArgument, NotFound
+from ..fanout import FANOUT
+from ..limits import connection_slot, current_limiter
+from ..listener import Batch, Listener, StreamClosed, dropped_text, websocket_texts
+from ..queue import QueueConsumer
+from ..registry import current_settings
+from ..shutdown import GATE
+from .publish import TOPIC_NAME, check_topic
+
+blueprint = Blueprint("stream", __name__)
+
+
+def _subscribed(**fields: str) -> str:
+    return json.dumps({"type": "subscribed", **fields})
+
+
+def _record(batch: Batch, deliveries: Any) -> None:
+    if batch.frames:
+        deliveries.inc(len(batch.frames))
+        metrics.STREAM_LATENCY.observe(max(0.0, time.time() - batch.frames[0].published))
+
+
+async def _read_and_ignore(listener: Listener) -> None:
+    while True:
+        await websocket.receive()
+        listener.touch()
+
+
+@blueprint.websocket("/v1/topics/<topic>/stream")
+@requires("subscribe", "topic")
+async def topic_stream(topic: str) -> None:
+    """Every message published to ``topic``, as websocket frames."""
+    check_topic(topic)
+    gate = await GATE.get()
+    hub = await FANOUT.get()
+    with gate.connection():
+        async with connection_slot(), hub.subscribe(topic) as listener:
+            await websocket.accept()
+            await websocket.send(_subscribed(topic=topic))
+            deliveries = metrics.STREAM_DELIVERIES.labels(topic=topic)
+            reader = asyncio.ensure_future(_read_and_ignore(listener))
+            try:
+                while True:
+                    try:
+                        batch = await listener.get()
+                    except StreamClosed as closed:
+                        if closed.code == 1013:
+                            metrics.STREAM_DROPS.labels(topic=topic, reason="closed").inc()
+                        await websocket.close(closed.code, closed.reason)
+                        return
+                    for text in websocket_texts(batch):
+                        await websocket.send(text)
+                    _record(batch, deliveries)
+            finally:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+
+
+@blueprint.get("/v1/topics/<topic>/events")
+@requires("subscribe", "topic", query_token=True)
+@document_response(ErrorResponse, 400)
+@document_response(ErrorResponse, 404)
+@document_response(ErrorResponse, 429)
+@document_response(ErrorResponse, 503)
+async def topic_events(topic: str) -> Response:
+    """Every message published to ``topic``, as Server-Sent Events."""
+    check_topic(topic)
+    gate = await GATE.get()
+    hub = await FANOUT.get()
+    gate.admit()
+    identity, limiter = current_identity(), current_limiter()
+    limiter.check_slot(identity)  # refused as an HTTP 429 before the stream starts
+    # Subscribe once here so that a missing topic or a Pub/Sub outage is an HTTP error; the
+    # stream subscribes again when it starts (the subscription is kept for the grace period).
+    async with hub.subscribe(topic):
+        pass
+    heartbeat = current_settings().stream_heartbeat
+
+    async def events() -> AsyncIterator[bytes]:
+        with gate.connection():
+            async with (
+                # The body is sent outside the app context: use what the handler found.
+                limiter.slot(identity),
+                hub.subscribe(topic, heartbeat=heartbeat) as listener,
+            ):
+                yield f"retry: 1000\ndata: {_subscribed(topic=topic)}\n\n".encode()
+                deliveries = metrics.STREAM_DELIVERIES.labels(topic=topic)
+                while True:
+                    try:
+                        batch = await listener.get()
+                    except StreamClosed:
+                        return
+                    yield _sse(batch)
+                    _record(batch, deliveries)
+
+    response = Response(
+        events(),
+        content_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+    response.timeout = None  # a stream has no response timeout
+    return response
+
+
+def _sse(batch: Batch) -> bytes:
+    if batch.heartbeat:
+        return b": heartbeat\n\n"
+    parts = [f"data: {dropped_text(batch.dropped)}\n\n"] if batch.dropped else []
+    parts.extend(f"id: {frame.message_id}\ndata: {frame.text}\n\n" for frame in batch.frames)
+    return "".join(parts).encode()
+
+
+def check_subscription(subscription: str) -> str:
+    """Validate a subscription's short name and the allowlist; returns its full path."""
+    if not TOPIC_NAME.fullmatch(subscription) or subscription.startswith("goog"):
+        raise InvalidArgument(f"invalid subscription name {subscription[:300]!r}")
+    settings = current_settings()
+    if not settings.subscription_allowed(subscription):
+        raise NotFound(f"subscription {subscription!r} is not served here", resource=subscription)
+    return f"projects/{settings.project}/subscriptions/{subscription}"
+
+
+async def _read_settlements(consumer: QueueConsumer) -> None:
+    while True:
+        raw = await websocket.receive()
+        try:
+            body = json.loads(raw)
+            if not isinstance(body, dict) or not set(body) <= {"ack", "nack"} or not body:
+                raise ValueError
+            for key in ("ack", "nack"):
+                ids = body.get(key, [])
+                if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                    raise ValueError
+                unknown = consumer.settle(ids, ack=key == "ack")
+                if unknown:
+                    consumer.notify(
+                        json.dumps(
+                            {
+                                "type": "error",
+                                "message": f"{key}: unknown ackIds",
+                                "ackIds": unknown,
+                            }
+                        )
+                    )
+        except ValueError:
+            consumer.notify(
+                json.dumps(
+                    {
+                        "type": "error",
+                        "message": 'expected {"ack": [ackId, ...]} or {"nack": [...]}',
+                    }
+                )
+            )
+
+
+@blueprint.websocket("/v1/subscriptions/<subscription>/stream")
+@requires("subscribe", "subscription")
+async def subscription_stream(subscription: str) -> None:
+    """Queue mode: the messages of an existing subscription, acked or nacked by the client."""
+    path = check_subscription(subscription)
+    gate = await GATE.get()
+    admin = await SUBSCRIBER.get()
+    try:
+        await admin.get_subscription(subscription=path, timeout=10)
+    except gexc.NotFound:
+        raise NotFound(
+            f"subscription {subscription!r} does not exist", resource=subscription
+        ) from None
+    except gexc.GoogleAPICallError as exc:
+        raise BackendError("pubsub", exc.message or str(exc)) from exc
+    client = await STREAMING.get()
+    current_limiter().check_slot(current_identity())
+    async with connection_slot():
+        with gate.connection():
+            consumer = QueueConsumer(client, admin, path, current_settings())
+            gate.on_close(consumer.shutdown)
+            reader: asyncio.Future[None] | None = None
+            try:
+                await websocket.accept()
+                await websocket.send(_subscribed(subscription=subscription))
+                consumer.start()
+                reader = asyncio.ensure_future(_read_settlements(consumer))
+                while True:
+                    try:
+                        texts = await consumer.get()
+                    except StreamClosed as closed:
+                        await websocket.close(closed.code, closed.reason)
+                        return
+                    for text in texts:
+                        await websocket.send(text)
+            finally:
+                gate.discard(consumer.shutdown)
+                if reader is not None:
+                    reader.cancel()
+                    await asyncio.gather(reader, return_exceptions=True)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(consumer.aclose())

@@ -1,0 +1,135 @@
+"""Long-lived connections of a worker, and the moment they must end.
+
+Hypercorn runs an app's lifespan shutdown only after every connection is gone (or its graceful
+timeout cancelled them), so ``app.shutdown_event`` and ``while_serving`` teardown come too late to
+close websockets and SSE streams cleanly. :class:`ConnectionGate` watches for the start of the
+shutdown itself:
+
+* a Hypercorn worker (``workers >= 1``) is told to stop through a multiprocessing event that its
+  master sets on SIGTERM/SIGINT; the gate polls that same event, as Hypercorn does, every 0.1 s;
+* the worker's parent (the Hypercorn master) disappearing;
+* the lifespan shutdown, as a last resort (single-process ``workers = 0`` serving, test clients).
+
+When any of them fires, the gate's ``closing`` event is set and its callbacks run: the fan-out hub
+closes every subscriber with 1001 and deletes its subscriptions, queue-mode connections nack what
+they hold. The gate also bounds the number of stream connections of the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .errors import Unavailable
+from .registry import ClientSpec, current_settings
+
+log = logging.getLogger("loopgate.shutdown")
+
+POLL_INTERVAL = 0.1
+
+
+class ConnectionGate:
+    """Counts a worker's stream connections and tells them when the server shuts down."""
+
+    def __init__(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self.connections = 0
+        self.closing = asyncio.Event()
+        self._callbacks: dict[Callable[[], object], None] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._parent = os.getppid()
+        self._hypercorn_event = _hypercorn_shutdown_event()
+
+    @classmethod
+    async def create(cls) -> ConnectionGate:
+        gate = cls(current_settings().stream_max_connections)
+        gate._task = asyncio.get_running_loop().create_task(gate._watch(), name="shutdown-watch")
+        return gate
+
+    @property
+    def watching_hypercorn(self) -> bool:
+        """Whether the Hypercorn worker's own shutdown event was found."""
+        return self._hypercorn_event is not None
+
+    async def _watch(self) -> None:
+        while not self.closing.is_set():
+            if self._hypercorn_event is not None and self._hypercorn_event.is_set():
+                self.close("the server is shutting down")
+                return
+            if os.getppid() != self._parent:
+                self.close("the server's master process is gone")
+                return
+            await asyncio.sleep(POLL_INTERVAL)
+
+    def on_close(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` (on the loop) when shutdown begins."""
+        self._callbacks[callback] = None
+
+    def discard(self, callback: Callable[[], object]) -> None:
+        """Forget a callback given to :meth:`on_close`."""
+        self._callbacks.pop(callback, None)
+
+    def close(self, why: str) -> None:
+        """Begin shutdown: set ``closing`` and run the callbacks once."""
+        if self.closing.is_set():
+            return
+        log.info("closing stream connections: %s", why)
+        self.closing.set()
+        for callback in list(self._callbacks):
+            try:
+                callback()
+            except Exception:
+                log.exception("a shutdown callback failed")
+
+    def admit(self) -> None:
+        """Check that one more connection would be accepted.
+
+        Raises:
+            Unavailable: the worker is at ``stream_max_connections`` or shutting down.
+        """
+        if self.closing.is_set():
+            raise Unavailable("the server is shutting down", retry_after=1)
+        if self.connections >= self.max_connections:
+            raise Unavailable(
+                f"this worker serves its maximum of {self.max_connections} stream connections",
+                retry_after=5,
+            )
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[None]:
+        """Hold one connection slot (raises like :meth:`admit`)."""
+        self.admit()
+        self.connections += 1
+        try:
+            yield
+        finally:
+            self.connections -= 1
+
+    async def aclose(self) -> None:
+        self.close("the app is shutting down")
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def _hypercorn_shutdown_event() -> Any:
+    # Hypercorn starts each worker as a multiprocessing child whose target receives the master's
+    # shutdown event as the keyword argument ``shutdown_event``; the child keeps its Process object.
+    kwargs = getattr(multiprocessing.current_process(), "_kwargs", None) or {}
+    event = kwargs.get("shutdown_event")
+    return event if callable(getattr(event, "is_set", None)) else None
+
+
+async def _close_gate(gate: ConnectionGate) -> None:
+    await gate.aclose()
+
+
+GATE: ClientSpec[ConnectionGate] = ClientSpec(
+    "connection-gate", create=ConnectionGate.create, close=_close_gate
+)

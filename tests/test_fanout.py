@@ -1,0 +1,222 @@
+"""The fan-out hub against the real Pub/Sub emulator, in process (Quart's test app)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from conftest import PROJECT, WAIT, PubSubAdmin, Topic, make_settings
+from quart import Quart
+from quart.testing.connections import WebsocketResponseError
+
+from service import create_app
+from service.config import Settings
+from service.errors import TopicNotFound
+from service.fanout import FANOUT, Hub
+from service.listener import Listener
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return make_settings(fanout_grace=0.2)
+
+
+async def _hub(app: Quart) -> Hub:
+    registry = app.extensions["loopgate"].registry_for_running_loop()
+    with registry.bind():
+        return await FANOUT.get()
+
+
+def _fanout_subscriptions(admin: PubSubAdmin, hub: Hub, topic: str) -> list[str]:
+    return [
+        s.name
+        for s in admin.subscriber.list_subscriptions(request={"project": f"projects/{PROJECT}"})
+        if s.name.rsplit("/", 1)[-1].startswith(hub.prefix) and s.topic.endswith(f"/{topic}")
+    ]
+
+
+def _publish(admin: PubSubAdmin, topic: str, count: int, prefix: str = "m") -> list[str]:
+    path = admin.publisher.topic_path(PROJECT, topic)
+    futures = [admin.publisher.publish(path, f"{prefix}{i}".encode()) for i in range(count)]
+    return [future.result(WAIT) for future in futures]
+
+
+async def _collect(listener: Listener, count: int) -> list[str]:
+    ids: list[str] = []
+    async with asyncio.timeout(WAIT):
+        while len(ids) < count:
+            batch = await listener.get()
+            ids.extend(frame.message_id for frame in batch.frames)
+    return ids
+
+
+async def test_websocket_through_test_client(client: Any, topic: Topic) -> None:
+    async with client.websocket(f"/v1/topics/{topic.name}/stream") as ws:
+        assert json.loads(await ws.receive()) == {"type": "subscribed", "topic": topic.name}
+        response = await client.post(
+            f"/v1/topics/{topic.name}:publish",
+            json={
+                "messages": [{"data": base64.b64encode(b"x").decode(), "attributes": {"k": "v"}}]
+            },
+        )
+        ids = (await response.get_json())["messageIds"]
+        async with asyncio.timeout(WAIT):
+            frame = json.loads(await ws.receive())
+    assert frame["type"] == "message"
+    assert frame["messageId"] == ids[0]
+    assert base64.b64decode(frame["data"]) == b"x"
+    assert frame["attributes"] == {"k": "v"}
+    assert frame["publishTime"].endswith("Z")
+
+
+async def test_unknown_topic_is_rejected_before_upgrade(client: Any, pubsub_emulator: Any) -> None:
+    with pytest.raises(WebsocketResponseError) as error:
+        async with client.websocket("/v1/topics/missing-topic/stream") as ws:
+            await asyncio.wait_for(ws.receive(), WAIT)
+    assert error.value.response.status_code == 404
+    body = await error.value.response.get_json()
+    assert body["error"]["status"] == "NOT_FOUND"
+
+
+async def test_topic_outside_allowlist_is_not_served(pubsub_emulator: Any, topic: Topic) -> None:
+    app = create_app(make_settings(topics="other-topic"))
+    async with app.test_app():
+        with pytest.raises(WebsocketResponseError) as error:
+            async with app.test_client().websocket(f"/v1/topics/{topic.name}/stream") as ws:
+                await asyncio.wait_for(ws.receive(), WAIT)
+    assert error.value.response.status_code == 404
+
+
+async def test_one_subscription_shared_then_deleted_after_grace(
+    app: Quart, admin: PubSubAdmin, topic: Topic
+) -> None:
+    hub = await _hub(app)
+    async with hub.subscribe(topic.name) as first, hub.subscribe(topic.name) as second:
+        names = _fanout_subscriptions(admin, hub, topic.name)
+        assert names == [hub.subscription_path(topic.name)]
+        sub = admin.subscriber.get_subscription(request={"subscription": names[0]})
+        assert sub.labels["loopgate"] == "fanout"
+        assert sub.labels["pid"] == str(os.getpid())
+        assert sub.expiration_policy.ttl.total_seconds() == 24 * 3600
+        assert sub.message_retention_duration.total_seconds() == 600
+        ids = _publish(admin, topic.name, 20)
+        assert await _collect(first, 20) == ids
+        assert await _collect(second, 20) == ids
+    async with asyncio.timeout(WAIT):
+        while _fanout_subscriptions(admin, hub, topic.name):
+            await asyncio.sleep(0.1)
+
+
+async def test_subscriber_during_grace_keeps_the_subscription(
+    app: Quart, admin: PubSubAdmin, topic: Topic
+) -> None:
+    hub = await _hub(app)
+    async with hub.subscribe(topic.name):
+        pass
+    async with hub.subscribe(topic.name) as listener:
+        await asyncio.sleep(0.4)  # longer than the grace period: the subscription must survive
+        assert _fanout_subscriptions(admin, hub, topic.name)
+        ids = _publish(admin, topic.name, 3)
+        assert await _collect(listener, 3) == ids
+
+
+async def test_missing_topic_raises(app: Quart) -> None:
+    hub = await _hub(app)
+    with pytest.raises(TopicNotFound):
+        async with hub.subscribe("no-such-topic"):
+            pass
+
+
+async def test_stream_resumes_after_its_subscription_is_deleted(
+    app: Quart, admin: PubSubAdmin, topic: Topic
+) -> None:
+    hub = await _hub(app)
+    async with hub.subscribe(topic.name) as listener:
+        first = _publish(admin, topic.name, 1)
+        assert await _collect(listener, 1) == first
+        admin.subscriber.delete_subscription(
+            request={"subscription": hub.subscription_path(topic.name)}
+        )
+        # Pub/Sub keeps nothing for a subscription that does not exist: publish until the
+        # recreated subscription delivers again.
+        again: list[str] = []
+        async with asyncio.timeout(WAIT):
+            while True:
+                again += _publish(admin, topic.name, 1, prefix="again")
+                try:
+                    async with asyncio.timeout(1.0):
+                        got = await _collect(listener, 1)
+                    break
+                except TimeoutError:
+                    continue
+        assert got[0] in again
+
+
+async def test_sweep_deletes_own_leftovers_only(
+    app: Quart, admin: PubSubAdmin, topic: Topic
+) -> None:
+    hub = await _hub(app)
+    dead_pid = 2**22 + 12345  # above Linux's pid_max default: no such process
+    mine = f"{hub.prefix}{hub.host}.{dead_pid}.abcdef.{topic.name}"
+    alive = f"{hub.prefix}{hub.host}.{os.getppid()}.abcdef.{topic.name}"
+    other_host = f"{hub.prefix}elsewhere.{dead_pid}.abcdef.{topic.name}"
+    unrelated = f"someone-else.{hub.host}.{dead_pid}.abcdef.{topic.name}"
+    paths = [
+        admin.subscriber.subscription_path(PROJECT, n) for n in (mine, alive, other_host, unrelated)
+    ]
+    for path in paths:
+        admin.subscriber.create_subscription(
+            request={"name": path, "topic": admin.publisher.topic_path(PROJECT, topic.name)}
+        )
+    deleted = await hub.sweep()
+    assert deleted == [paths[0]]
+    remaining = {
+        s.name
+        for s in admin.subscriber.list_subscriptions(request={"project": f"projects/{PROJECT}"})
+    }
+    assert paths[0] not in remaining
+    assert set(paths[1:]) <= remaining
+    for path in paths[1:]:
+        admin.subscriber.delete_subscription(request={"subscription": path})
+
+
+@pytest.fixture
+async def close_app(pubsub_emulator: Any) -> AsyncIterator[Quart]:
+    app = create_app(make_settings(stream_queue_size=5, stream_slow_policy="close"))
+    async with app.test_app():
+        yield app
+
+
+async def test_full_queue_closes_with_policy_close_and_others_get_everything(
+    close_app: Quart, admin: PubSubAdmin, topic: Topic
+) -> None:
+    hub = await _hub(close_app)
+    async with hub.subscribe(topic.name) as slow, hub.subscribe(topic.name) as fast:
+        ids = _publish(admin, topic.name, 4)
+        assert await _collect(fast, 4) == ids
+        more = _publish(admin, topic.name, 4)
+        assert await _collect(fast, 4) == more
+        assert slow.closed is not None and slow.closed.code == 1013
+        assert len(slow) == 0
+
+
+async def test_shutdown_closes_subscribers_with_1001_and_deletes(
+    pubsub_emulator: Any, admin: PubSubAdmin, topic: Topic
+) -> None:
+    app = create_app(make_settings())
+    async with app.test_app():
+        hub = await _hub(app)
+        async with hub.subscribe(topic.name) as listener:
+            hub.gate.close("test")
+            with pytest.raises(Exception) as closed:
+                await asyncio.wait_for(listener.get(), WAIT)
+            assert getattr(closed.value, "code", None) == 1001
+        async with asyncio.timeout(WAIT):
+            while _fanout_subscriptions(admin, hub, topic.name):
+                await asyncio.sleep(0.1)
+    assert not hub._tasks

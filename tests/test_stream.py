@@ -1,0 +1,282 @@
+"""Websocket, SSE and queue-mode subscribers through real Hypercorn servers and the real emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import PROJECT, WAIT, PubSubAdmin, Server, Topic, spawn_server, wait_until_up
+
+from service.dev.emulators import PubSubEmulator, free_port
+
+pytestmark = [pytest.mark.server, pytest.mark.emulator]
+
+
+async def publish(
+    session: aiohttp.ClientSession, server: Server, topic: str, count: int, size: int = 8
+) -> list[str]:
+    ids: list[str] = []
+    step = max(1, min(100, 512 * 1024 // size))
+    for start in range(0, count, step):
+        n = min(step, count - start)
+        data = base64.b64encode(b"x" * size).decode()
+        async with session.post(
+            f"{server.url}/v1/topics/{topic}:publish", json={"messages": [{"data": data}] * n}
+        ) as response:
+            assert response.status == 200, await response.text()
+            ids += (await response.json())["messageIds"]
+    return ids
+
+
+async def connect(
+    session: aiohttp.ClientSession, server: Server, topic: str
+) -> aiohttp.ClientWebSocketResponse:
+    ws = await session.ws_connect(f"{server.url}/v1/topics/{topic}/stream", max_msg_size=0)
+    first = await asyncio.wait_for(ws.receive_json(), WAIT)
+    assert first == {"type": "subscribed", "topic": topic}
+    return ws
+
+
+class Received:
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.dropped = 0
+        self.close_code: int | None = None
+
+
+async def receive(
+    ws: aiohttp.ClientWebSocketResponse, count: int, into: Received | None = None
+) -> Received:
+    """Read frames until ``count`` messages (received plus reported dropped) or the close."""
+    got = into or Received()
+    async with asyncio.timeout(WAIT):
+        while len(got.ids) + got.dropped < count:
+            msg = await ws.receive()
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                got.close_code = ws.close_code
+                return got
+            frame = json.loads(msg.data)
+            if frame["type"] == "dropped":
+                got.dropped += frame["count"]
+            elif frame["type"] == "messages":
+                got.ids += [item["messageId"] for item in frame["messages"]]
+            else:
+                assert frame["type"] == "message"
+                got.ids.append(frame["messageId"])
+    return got
+
+
+def fanout_subscriptions(admin: PubSubAdmin, topic: str) -> list[str]:
+    return [
+        s.name
+        for s in admin.subscriber.list_subscriptions(request={"project": f"projects/{PROJECT}"})
+        if "-fanout." in s.name and s.topic.endswith(f"/{topic}")
+    ]
+
+
+async def test_200_clients_on_one_worker_each_receive_500_messages(
+    start_server: Any, topic: Topic
+) -> None:
+    server = await start_server()
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        sockets = await asyncio.gather(*(connect(session, server, topic.name) for _ in range(200)))
+        ids = await publish(session, server, topic.name, 500)
+        results = await asyncio.gather(*(receive(ws, 500) for ws in sockets))
+        for result in results:
+            assert result.ids == ids
+        await asyncio.gather(*(ws.close() for ws in sockets))
+
+
+async def test_two_instances_each_deliver_what_either_published(
+    start_server: Any, topic: Topic
+) -> None:
+    a, b = await asyncio.gather(start_server(), start_server())
+    async with aiohttp.ClientSession() as session:
+        sockets = [await connect(session, server, topic.name) for server in (a, b, a, b)]
+        ids = await publish(session, a, topic.name, 10) + await publish(session, b, topic.name, 10)
+        for ws in sockets:
+            assert sorted((await receive(ws, 20)).ids) == sorted(ids)
+            await ws.close()
+
+
+async def test_sse_receives_the_same_messages(start_server: Any, topic: Topic) -> None:
+    server = await start_server()
+    async with aiohttp.ClientSession() as session:
+        ws = await connect(session, server, topic.name)
+        async with session.get(f"{server.url}/v1/topics/{topic.name}/events") as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            events: list[dict[str, str]] = []
+            event: dict[str, str] = {}
+            ids: list[str] = []
+            async with asyncio.timeout(WAIT):
+                async for raw in response.content:
+                    line = raw.decode().rstrip("\n")
+                    if line:
+                        key, _, value = line.partition(": ")
+                        event[key] = value
+                        continue
+                    if "data" in event:
+                        events.append(event)
+                        if json.loads(event["data"])["type"] == "subscribed":
+                            ids = await publish(session, server, topic.name, 30)
+                    event = {}
+                    if len(events) == 31:
+                        break
+        frames = [json.loads(e["data"]) for e in events[1:]]
+        assert [e["id"] for e in events[1:]] == ids == [f["messageId"] for f in frames]
+        assert (await receive(ws, 30)).ids == ids
+        await ws.close()
+
+
+@pytest.mark.parametrize("policy", ["drop-oldest", "close"])
+async def test_slow_consumer_per_policy_while_fast_ones_get_everything(
+    start_server: Any, topic: Topic, policy: str
+) -> None:
+    server = await start_server(
+        {"LOOPGATE_STREAM_QUEUE_SIZE": "100", "LOOPGATE_STREAM_SLOW_POLICY": policy}
+    )
+    size, count = 64 * 1024, 400  # 25 MiB in all: far beyond socket buffers and the queue
+    async with aiohttp.ClientSession() as session:
+        fast = await connect(session, server, topic.name)
+        slow = await connect(session, server, topic.name)  # never reads until the end
+        fast_task = asyncio.ensure_future(receive(fast, count))
+        ids = await publish(session, server, topic.name, count, size=size)
+        assert sorted((await fast_task).ids) == sorted(ids)
+        slow_got = await receive(slow, count)
+        if policy == "drop-oldest":
+            assert slow_got.dropped > 0
+            assert len(slow_got.ids) + slow_got.dropped == count
+            assert set(slow_got.ids) <= set(ids)
+        else:
+            assert slow_got.close_code == 1013
+            assert len(slow_got.ids) < count
+        # Every message was either delivered or counted as dropped: the slow reader's backlog was
+        # cut at its queue bound instead of growing.
+
+
+async def test_queue_mode_redelivers_nacked_and_abandoned_messages(
+    start_server: Any, topic: Topic
+) -> None:
+    server = await start_server({"LOOPGATE_SUBSCRIPTIONS": topic.subscription.rsplit("/", 1)[1]})
+    name = topic.subscription.rsplit("/", 1)[1]
+    url = f"{server.url}/v1/subscriptions/{name}/stream"
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as error:
+            await session.ws_connect(f"{server.url}/v1/subscriptions/other-sub/stream")
+        assert error.value.status == 404
+        ws = await session.ws_connect(url)
+        assert (await asyncio.wait_for(ws.receive_json(), WAIT))["type"] == "subscribed"
+        (message_id,) = await publish(session, server, topic.name, 1)
+        first = await asyncio.wait_for(ws.receive_json(), WAIT)
+        assert first["messageId"] == message_id and first["ackId"]
+        await ws.send_json({"nack": [first["ackId"]]})
+        again = await asyncio.wait_for(ws.receive_json(), WAIT)
+        assert again["messageId"] == message_id
+        await ws.send_json({"ack": ["not-an-ack-id"]})
+        assert (await asyncio.wait_for(ws.receive_json(), WAIT))["type"] == "error"
+        await ws.close()  # while holding the message without acking it
+        # It is available again at once (not after its lease): a plain pull gets it. (The emulator
+        # does not hand a nacked message to a streaming pull opened after the nack.)
+        redelivered = await asyncio.to_thread(topic.received, 1, 5.0)  # well within its lease
+        assert [m.message_id for m in redelivered] == [message_id]
+
+
+async def test_subscription_deleted_after_last_client_and_at_shutdown(
+    start_server: Any, admin: PubSubAdmin, topic: Topic
+) -> None:
+    other = admin.create_topic()
+    server = await start_server({"LOOPGATE_FANOUT_GRACE": "0.5"})
+    async with aiohttp.ClientSession() as session:
+        ws = await connect(session, server, topic.name)
+        kept = await connect(session, server, other)
+        assert len(fanout_subscriptions(admin, topic.name)) == 1
+        await ws.close()
+        async with asyncio.timeout(WAIT):
+            while fanout_subscriptions(admin, topic.name):
+                await asyncio.sleep(0.1)
+        assert len(fanout_subscriptions(admin, other)) == 1
+        server.process.send_signal(signal.SIGTERM)
+        closing = await asyncio.wait_for(kept.receive(), WAIT)
+        assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1001
+        await asyncio.to_thread(server.stop)
+    assert server.process.returncode == 0
+    assert fanout_subscriptions(admin, other) == []
+
+
+async def test_sigterm_closes_websockets_with_1001_and_ends_sse(
+    start_server: Any, topic: Topic
+) -> None:
+    server = await start_server()
+    async with aiohttp.ClientSession() as session:
+        sockets = [await connect(session, server, topic.name) for _ in range(5)]
+        events = await session.get(f"{server.url}/v1/topics/{topic.name}/events")
+        await asyncio.wait_for(events.content.readline(), WAIT)
+        server.process.send_signal(signal.SIGTERM)
+        # hypercorn.toml's graceful_timeout is 20 s: the closes must come well before it.
+        async with asyncio.timeout(15):
+            for ws in sockets:
+                msg = await ws.receive()
+                assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1001, msg
+            await events.content.read()  # the SSE stream ends
+        events.release()
+        await asyncio.to_thread(server.stop)
+    assert server.process.returncode == 0
+    assert "Traceback" not in server.log()
+
+
+async def test_clients_receive_again_after_the_emulator_restarts(
+    tmp_path: Path, admin: PubSubAdmin
+) -> None:
+    from google.cloud import pubsub_v1
+
+    emulator = PubSubEmulator(port=free_port())
+    await asyncio.to_thread(emulator.start)
+    server: Server | None = None
+    publisher = None
+    try:
+        os.environ["PUBSUB_EMULATOR_HOST"], saved = (
+            emulator.host,
+            os.environ["PUBSUB_EMULATOR_HOST"],
+        )
+        try:
+            publisher = pubsub_v1.PublisherClient()
+        finally:
+            os.environ["PUBSUB_EMULATOR_HOST"] = saved
+        path = publisher.topic_path(PROJECT, "restart-topic")
+        publisher.create_topic(name=path)
+        server = spawn_server(tmp_path, {"PUBSUB_EMULATOR_HOST": emulator.host})
+        await wait_until_up(server)
+        async with aiohttp.ClientSession() as session:
+            ws = await connect(session, server, "restart-topic")
+            first = await publish(session, server, "restart-topic", 1)
+            assert (await receive(ws, 1)).ids == first
+            await asyncio.to_thread(emulator.stop)
+            await asyncio.to_thread(emulator.start)  # same port, empty: no topic, no subscription
+            await asyncio.to_thread(publisher.create_topic, name=path)
+            published: list[str] = []
+            async with asyncio.timeout(60):
+                while True:
+                    future = publisher.publish(path, b"again")
+                    published.append(await asyncio.wrap_future(future))  # type: ignore[arg-type]
+                    try:
+                        got = await asyncio.wait_for(receive(ws, 1), 1.0)
+                        break
+                    except TimeoutError:
+                        continue
+            assert got.ids[0] in published
+            await ws.close()
+    finally:
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+        if publisher is not None:
+            publisher.stop()
+        emulator.stop()
