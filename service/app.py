@@ -15,7 +15,7 @@ from .clients import builtin_clients
 from .config import Settings, load_settings
 from .errors import ServiceError, error_body
 from .registry import ClientSpec, LoopRegistries, bind_registry
-from .routes import health, publish
+from .routes import health, publish, storage
 
 log = logging.getLogger("loopgate")
 
@@ -44,6 +44,7 @@ def create_app(
 
     app.register_blueprint(health.blueprint)
     app.register_blueprint(publish.blueprint)
+    app.register_blueprint(storage.blueprint)
     _register_error_handlers(app)
 
     @app.before_request

@@ -49,7 +49,29 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
 
-    @field_validator("topics", mode="before")
+    buckets: CommaList = Field(
+        default=(),
+        description="Cloud Storage buckets that may be used (comma separated; '*' allows all).",
+    )
+    max_object_bytes: int = Field(
+        default=5 * 1024**4,
+        ge=1,
+        description="Largest object accepted by an upload; larger bodies are refused with 413.",
+    )
+    storage_chunk_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=256 * 1024,
+        multiple_of=256 * 1024,
+        description=(
+            "Uploads up to this size are buffered and sent in one request; larger uploads of "
+            "unknown length are forwarded in pieces of this size (a multiple of 256 KiB)."
+        ),
+    )
+    storage_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds a Cloud Storage call may wait for data."
+    )
+
+    @field_validator("topics", "buckets", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -59,6 +81,10 @@ class Settings(BaseSettings):
     def topic_allowed(self, topic: str) -> bool:
         """Whether ``topic`` (a short name) is in the ``LOOPGATE_TOPICS`` allowlist."""
         return "*" in self.topics or topic in self.topics
+
+    def bucket_allowed(self, bucket: str) -> bool:
+        """Whether ``bucket`` is in the ``LOOPGATE_BUCKETS`` allowlist."""
+        return "*" in self.buckets or bucket in self.buckets
 
     def topic_path(self, topic: str) -> str:
         return f"projects/{self.project}/topics/{topic}"

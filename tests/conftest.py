@@ -260,3 +260,38 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if got == wanted:
             return float(value)
     return 0.0
+
+
+# -- Cloud Storage emulator -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def storage_emulator() -> Iterator[Any]:
+    from service.dev.emulators import StorageEmulator
+
+    emulator = StorageEmulator().start()
+    os.environ["STORAGE_EMULATOR_HOST"] = emulator.url
+    yield emulator
+    emulator.stop()
+
+
+def create_bucket(emulator: Any, name: str | None = None) -> str:
+    """Create a bucket in the storage emulator (synchronously, for test setup)."""
+    import json
+    import urllib.request
+
+    name = name or f"b-{uuid.uuid4().hex[:12]}"
+    request = urllib.request.Request(
+        f"{emulator.url}/storage/v1/b?project={PROJECT}",
+        data=json.dumps({"name": name}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=WAIT) as response:
+        assert response.status == 200
+    return name
+
+
+@pytest.fixture
+def bucket(storage_emulator: Any) -> str:
+    return create_bucket(storage_emulator)
