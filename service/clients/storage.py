@@ -20,6 +20,7 @@ What gcloud-aio-storage does here, and what it cannot:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import AsyncIterator
@@ -200,12 +201,12 @@ class StorageClient:
         async for chunk in chunks:
             piece += chunk
             while len(piece) >= self.chunk_bytes:
-                await self._put(session_uri, bytes(piece[: self.chunk_bytes]), sent,
-                                self.chunk_bytes, None)
+                data = io.BytesIO(piece[: self.chunk_bytes])
+                await self._put(session_uri, data, sent, self.chunk_bytes, None)
                 sent += self.chunk_bytes
                 del piece[: self.chunk_bytes]
         total = sent + len(piece)
-        return await self._put(session_uri, bytes(piece), sent, len(piece), total)
+        return await self._put(session_uri, io.BytesIO(piece), sent, len(piece), total)
 
     async def check(self, buckets: tuple[str, ...], project: str) -> None:
         """Readiness: the first allowed bucket answers (or, with '*' alone, the bucket list)."""

@@ -48,7 +48,7 @@ READ_BYTES = 256 * 1024
 class ObjectNameConverter(PathConverter):
     """A ``path`` converter that also takes names starting with ``/``."""
 
-    regex = ".+?"
+    regex = r"[\s\S]+?"
     part_isolating = False
 
 
