@@ -22,15 +22,25 @@ other request is passed through untouched::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar, cast
 
-from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable, Scope
+from hypercorn.typing import (
+    ASGIReceiveCallable,
+    ASGIReceiveEvent,
+    ASGISendCallable,
+    ASGISendEvent,
+    Scope,
+)
 from quart import Quart, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RequestRedirect
 
 SCOPE_KEY = "loopgate.request_stream"
+# How long the rest of a body that the handler did not read is received and dropped once the
+# response has ended (a "lingering close"); see _finishing.
+LINGER_SECONDS = 10.0
 _MARK = "_loopgate_streams_body"
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
 
@@ -98,6 +108,15 @@ class RequestStream:
             return {"type": "http.disconnect"}
         return await self._receive()
 
+    async def discard_rest(self) -> None:
+        """Receive and drop what is left of the body."""
+        while not (self.complete or self.disconnected):
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected = True
+            elif not message.get("more_body", False):
+                self.complete = True
+
 
 class StreamingBodies:
     """ASGI middleware giving views marked with :func:`streams_body` their raw request body."""
@@ -112,7 +131,7 @@ class StreamingBodies:
         if scope["type"] == "http" and self._streams(scope):
             stream = RequestStream(receive)
             scope = cast(Scope, {**scope, SCOPE_KEY: stream})
-            await self.asgi_app(scope, stream.receive_for_app, send)
+            await self.asgi_app(scope, stream.receive_for_app, _finishing(stream, send))
         else:
             await self.asgi_app(scope, receive, send)
 
@@ -127,6 +146,35 @@ class StreamingBodies:
             return False
         view = self.app.view_functions.get(str(endpoint))
         return bool(getattr(view, _MARK, False))
+
+
+def _finishing(stream: RequestStream, send: ASGISendCallable) -> ASGISendCallable:
+    """``send``, draining what is left of an unread body while the response's end is sent.
+
+    A handler that answers without reading the whole body (a refused upload) leaves the rest in
+    Hypercorn's small receive queue. Ending the response makes Hypercorn queue a disconnect event
+    for the app, and with the queue full that waits forever: the connection, and the handler's
+    last ``send``, hang until the client goes away. Receiving and dropping the rest meanwhile lets
+    Hypercorn finish and close the connection.
+    """
+
+    async def send_and_drain(message: ASGISendEvent) -> None:
+        ending = message["type"] == "http.response.body" and not message.get("more_body", False)
+        if not ending or stream.complete or stream.disconnected:
+            await send(message)
+            return
+        drain = asyncio.ensure_future(stream.discard_rest())
+        try:
+            await send(message)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LINGER_SECONDS):
+                    await asyncio.shield(drain)
+        finally:
+            drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drain
+
+    return send_and_drain
 
 
 def install(app: Quart) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -238,6 +239,239 @@ async def test_client_disconnect_mid_upload_leaves_nothing(
     assert asyncio.all_tasks() - before == set()
 
 
+# -- through a real Hypercorn server -------------------------------------------------------
+
+
+def server_env(emulator: StorageEmulator, bucket: str, **extra: str) -> dict[str, str]:
+    return {"STORAGE_EMULATOR_HOST": emulator.url, "LOOPGATE_BUCKETS": bucket, **extra}
+
+
+def url(server: Server, bucket: str, name: str | None = None) -> URL:
+    """The object's URL with the name percent-encoded exactly (dots included)."""
+    encoded = "" if name is None else "/" + quote(name, safe="/").replace(".", "%2E")
+    return URL(f"{server.url}/v1/buckets/{bucket}/objects{encoded}", encoded=True)
+
+
+async def test_server_objects_end_to_end(
+    start_server: Callable[..., Awaitable[Server]], storage_emulator: StorageEmulator, bucket: str
+) -> None:
+    server = await start_server(env=server_env(storage_emulator, bucket), workers=1)
+    async with aiohttp.ClientSession() as http:
+        for name in NAMES:
+            data = os.urandom(3000) + name.encode()
+            async with http.put(url(server, bucket, name), data=data,
+                                headers={"Content-Type": "image/x-test"}) as response:
+                meta = await response.json()
+                assert response.status == 201, meta
+                assert meta["name"] == name and int(meta["size"]) == len(data)
+            async with http.get(url(server, bucket, name)) as response:
+                assert response.status == 200
+                assert await response.read() == data
+                assert response.headers["Content-Type"] == "image/x-test"
+                etag = response.headers["ETag"]
+            async with http.head(url(server, bucket, name)) as response:
+                assert response.status == 200
+                assert int(response.headers["Content-Length"]) == len(data)
+                assert response.headers["ETag"] == etag
+            async with http.get(url(server, bucket, name), headers={"If-None-Match": etag}) as r:
+                assert r.status == 304
+            async with http.get(url(server, bucket, name), headers={"Range": "bytes=10-19"}) as r:
+                assert r.status == 206
+                assert await r.read() == data[10:20]
+        async with http.get(url(server, bucket), params={"delimiter": "/"}) as response:
+            body = await response.json()
+            assert [item["name"] for item in body["items"]] == ["plain.txt"]
+            assert body["prefixes"] == ["dir/", "with space/", "ünï/"]
+
+        headers = {"If-None-Match": "*"}
+        async with http.put(url(server, bucket, "plain.txt"), data=b"new", headers=headers) as r:
+            assert r.status == 412
+        async with http.delete(url(server, bucket, "plain.txt")) as response:
+            assert response.status == 204
+        async with http.delete(url(server, bucket, "plain.txt")) as response:
+            assert response.status == 404
+
+        for name in BAD_NAMES:
+            async with http.put(url(server, bucket, name), data=b"x") as response:
+                assert response.status == 400, name
+                assert (await response.json())["error"]["status"] == "INVALID_ARGUMENT"
+        async with http.put(url(server, OTHER_BUCKET, "x"), data=b"x") as response:
+            assert response.status == 404
+        async with http.get(url(server, bucket), params={"prefix": "plain"}) as response:
+            assert (await response.json())["items"] == []
+
+
+async def test_server_refuses_large_body_before_reading_it(
+    start_server: Callable[..., Awaitable[Server]], storage_emulator: StorageEmulator, bucket: str
+) -> None:
+    env = server_env(storage_emulator, bucket, LOOPGATE_MAX_OBJECT_BYTES="1048576")
+    server = await start_server(env=env, workers=1)
+    async with aiohttp.ClientSession() as http:
+        # With "Expect: 100-continue" the client sends the body only if asked: it never is.
+        async with http.put(url(server, bucket, "big"), data=io.BytesIO(b"x" * (2 * MB)),
+                            expect100=True) as response:
+            assert response.status == 413
+            assert (await response.json())["error"]["status"] == "PAYLOAD_TOO_LARGE"
+    # A client that sends the body anyway gets the answer and the connection closed, rather
+    # than a connection held open on the unread rest of its body.
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(
+            f"PUT /v1/buckets/{bucket}/objects/big HTTP/1.1\r\nHost: loopgate\r\n"
+            f"Content-Length: {2 * MB}\r\n\r\n".encode() + b"x" * MB
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), WAIT)
+        assert answer.startswith(b"HTTP/1.1 413 ")
+    finally:
+        writer.close()
+    assert _emulator_objects(storage_emulator, bucket) == []
+
+
+def _blocks(count: int) -> list[bytes]:
+    return [index.to_bytes(4, "big") * (MB // 4) for index in range(count)]
+
+
+async def test_server_200mb_round_trip_in_bounded_memory(
+    start_server: Callable[..., Awaitable[Server]], storage_emulator: StorageEmulator, bucket: str
+) -> None:
+    server = await start_server(env=server_env(storage_emulator, bucket), workers=1)
+    worker = await _worker_pid(server)
+    count = 200
+    expected = hashlib.md5()
+    for index in range(count):
+        expected.update(index.to_bytes(4, "big") * (MB // 4))
+    async with aiohttp.ClientSession() as http:
+        # Warm up both directions so that lazily made buffers and imports are in the baseline.
+        for _ in range(2):
+            async with http.put(url(server, bucket, "warm"), data=io.BytesIO(os.urandom(8 * MB))) as r:
+                assert r.status == 201
+            async with http.get(url(server, bucket, "warm")) as r:
+                assert len(await r.read()) == 8 * MB
+        baseline = _rss(worker)
+        peak = baseline
+        sampling = True
+
+        async def sample() -> None:
+            nonlocal peak
+            while sampling:
+                peak = max(peak, _rss(worker))
+                await asyncio.sleep(0.02)
+
+        halfway, resume = asyncio.Event(), asyncio.Event()
+
+        async def body() -> AsyncIterator[bytes]:
+            for index in range(count):
+                if index == count // 2:
+                    halfway.set()
+                    await resume.wait()
+                yield index.to_bytes(4, "big") * (MB // 4)
+
+        async def upload() -> dict[str, Any]:
+            headers = {"Content-Length": str(count * MB), "Content-Type": "application/x-big"}
+            async with http.put(url(server, bucket, "big/object"), data=body(),
+                                headers=headers) as response:
+                assert response.status == 201
+                meta: dict[str, Any] = await response.json()
+                return meta
+
+        sampler = asyncio.create_task(sample())
+        try:
+            uploading = asyncio.create_task(upload())
+            await asyncio.wait_for(halfway.wait(), WAIT)
+            # The same worker keeps answering while the upload is in flight.
+            async with http.get(f"{server.url}/healthz") as response:
+                assert response.status == 200
+            assert not uploading.done()
+            resume.set()
+            meta = await asyncio.wait_for(uploading, 90)
+            assert int(meta["size"]) == count * MB
+            received = hashlib.md5()
+            async with http.get(url(server, bucket, "big/object")) as response:
+                assert response.status == 200
+                assert int(response.headers["Content-Length"]) == count * MB
+                async for chunk in response.content.iter_chunked(MB):
+                    received.update(chunk)
+            assert received.hexdigest() == expected.hexdigest()
+        finally:
+            sampling = False
+            await sampler
+    growth = peak - baseline
+    assert growth < 50 * MB, f"worker RSS grew by {growth / MB:.1f} MB"
+
+
+async def test_server_client_dropping_mid_upload(
+    start_server: Callable[..., Awaitable[Server]], storage_emulator: StorageEmulator, bucket: str
+) -> None:
+    server = await start_server(env=server_env(storage_emulator, bucket), workers=1)
+    worker = await _worker_pid(server)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        f"PUT /v1/buckets/{bucket}/objects/dropped HTTP/1.1\r\nHost: loopgate\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {64 * MB}\r\n\r\n".encode()
+    )
+    for _ in range(16):
+        writer.write(b"d" * MB)
+        await writer.drain()
+
+    async def forwarding() -> bool:
+        text = await _metrics(server)
+        return (
+            metric_value(text, "loopgate_storage_bytes_total", direction="up") >= 4 * MB
+            and metric_value(text, "loopgate_storage_transfers", direction="up") == 1
+            and _emulator_connections(worker, storage_emulator.port) >= 1
+        )
+
+    await _eventually(forwarding)
+    writer.transport.abort()
+
+    async def released() -> bool:
+        text = await _metrics(server)
+        return (
+            metric_value(text, "loopgate_storage_transfers", direction="up") == 0
+            and _emulator_connections(worker, storage_emulator.port) == 0
+        )
+
+    await _eventually(released)
+    assert "dropped" not in _emulator_objects(storage_emulator, bucket)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url(server, bucket, "dropped")) as response:
+            assert response.status == 404
+    assert "Traceback" not in server.log()
+
+
+async def test_server_storage_down_then_recovers(
+    start_server: Callable[..., Awaitable[Server]],
+) -> None:
+    emulator = StorageEmulator().start()
+    try:
+        bucket = create_bucket(emulator)
+        server = await start_server(env=server_env(emulator, bucket), workers=1)
+        async with aiohttp.ClientSession() as http:
+            async with http.put(url(server, bucket, "x"), data=b"before") as response:
+                assert response.status == 201
+            emulator.stop()
+            for method, target in (("GET", url(server, bucket, "x")),
+                                   ("PUT", url(server, bucket, "y")),
+                                   ("PUT", url(server, bucket, "z")),
+                                   ("GET", url(server, bucket))):
+                data = io.BytesIO(b"y" * (5 * MB) if target.name == "z" else b"y")
+                async with http.request(method, target, data=data) as response:
+                    body = await response.json()
+                    assert response.status == 503, body
+                    assert int(response.headers["Retry-After"]) >= 1
+                    assert body["error"]["status"] == "UNAVAILABLE"
+                    assert "storage" in body["error"]["message"]
+            emulator.start()
+            create_bucket(emulator, bucket)
+            async with http.put(url(server, bucket, "y"), data=b"after") as response:
+                assert response.status == 201
+            async with http.get(url(server, bucket, "y")) as response:
+                assert await response.read() == b"after"
+    finally:
+        emulator.stop()
+
+
 # -- helpers ----------------------------------------------------------------------------------
 
 
@@ -263,3 +497,60 @@ def _emulator_objects(emulator: StorageEmulator, bucket: str) -> list[str]:
 
     with urllib.request.urlopen(f"{emulator.url}/storage/v1/b/{bucket}/o", timeout=WAIT) as r:
         return [item["name"] for item in json.loads(r.read()).get("items", [])]
+
+
+async def _eventually(check: Callable[[], Awaitable[bool]], timeout: float = WAIT) -> None:
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.05)
+
+
+async def _metrics(server: Server) -> str:
+    async with aiohttp.ClientSession() as http, http.get(f"{server.url}/metrics") as response:
+        return await response.text()
+
+
+async def _worker_pid(server: Server) -> int:
+    """The Hypercorn worker: the child of the server process that multiprocessing spawned (the
+    other child is multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+
+    def workers() -> list[int]:
+        return [
+            int(pid) for pid in children.read_text().split()
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+
+    async def started() -> bool:
+        return bool(workers())
+
+    await _eventually(started)
+    pids = workers()
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def _emulator_connections(pid: int, port: int) -> int:
+    """Established TCP connections of process ``pid`` to ``127.0.0.1:port``."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote, state, inode = fields[2], fields[3], fields[9]
+        if state == "01" and int(remote.split(":")[1], 16) == port and inode in inodes:
+            count += 1
+    return count
