@@ -312,20 +312,48 @@ async def test_server_refuses_large_body_before_reading_it(
                             expect100=True) as response:
             assert response.status == 413
             assert (await response.json())["error"]["status"] == "PAYLOAD_TOO_LARGE"
-    # A client that sends the body anyway gets the answer and the connection closed, rather
-    # than a connection held open on the unread rest of its body.
+    assert _emulator_objects(storage_emulator, bucket) == []
+
+
+
+async def test_server_closes_the_connection_of_a_refused_upload(
+    start_server: Callable[..., Awaitable[Server]], storage_emulator: StorageEmulator, bucket: str
+) -> None:
+    """A client that sends its body anyway gets the answer and its connection closed, rather
+    than a connection held open on the unread rest of its body."""
+    server = await start_server(env=server_env(storage_emulator, bucket), workers=1)
+    worker = await _worker_pid(server)
+    async with aiohttp.ClientSession() as http:
+        async with http.put(url(server, bucket, "exists"), data=b"x") as response:
+            assert response.status == 201
+    # The emulator serves one request at a time: a request whose body is still to come holds
+    # it, so loopgate's precondition check waits while the upload's body piles up unread.
+    held = f'{{"name": "held-{bucket}"}}'.encode()
+    _, emulator = await asyncio.open_connection("127.0.0.1", storage_emulator.port)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
-        writer.write(
-            f"PUT /v1/buckets/{bucket}/objects/big HTTP/1.1\r\nHost: loopgate\r\n"
-            f"Content-Length: {2 * MB}\r\n\r\n".encode() + b"x" * MB
+        emulator.write(
+            f"POST /storage/v1/b?project=p HTTP/1.1\r\nHost: emulator\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(held)}\r\n\r\n".encode()
         )
-        await writer.drain()
+        await emulator.drain()
+        writer.write(
+            f"PUT /v1/buckets/{bucket}/objects/exists HTTP/1.1\r\nHost: loopgate\r\n"
+            f"If-None-Match: *\r\nContent-Length: {64 * MB}\r\n\r\n".encode() + b"x" * 4 * MB
+        )
+
+        async def stalled() -> bool:
+            return _unread_bytes(worker, server.port) > 256 * 1024
+
+        await _eventually(stalled)
+        emulator.write(held)
+        await emulator.drain()
         answer = await asyncio.wait_for(reader.read(), WAIT)
-        assert answer.startswith(b"HTTP/1.1 413 ")
+        assert answer.startswith(b"HTTP/1.1 412 ")
     finally:
         writer.close()
-    assert _emulator_objects(storage_emulator, bucket) == []
+        emulator.close()
+    assert _emulator_objects(storage_emulator, bucket) == ["exists"]
 
 
 def _blocks(count: int) -> list[bytes]:
@@ -344,7 +372,8 @@ async def test_server_200mb_round_trip_in_bounded_memory(
     async with aiohttp.ClientSession() as http:
         # Warm up both directions so that lazily made buffers and imports are in the baseline.
         for _ in range(2):
-            async with http.put(url(server, bucket, "warm"), data=io.BytesIO(os.urandom(8 * MB))) as r:
+            warm = io.BytesIO(os.urandom(8 * MB))
+            async with http.put(url(server, bucket, "warm"), data=warm) as r:
                 assert r.status == 201
             async with http.get(url(server, bucket, "warm")) as r:
                 assert len(await r.read()) == 8 * MB
@@ -405,7 +434,7 @@ async def test_server_client_dropping_mid_upload(
 ) -> None:
     server = await start_server(env=server_env(storage_emulator, bucket), workers=1)
     worker = await _worker_pid(server)
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    _, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(
         f"PUT /v1/buckets/{bucket}/objects/dropped HTTP/1.1\r\nHost: loopgate\r\n"
         f"Content-Type: application/octet-stream\r\nContent-Length: {64 * MB}\r\n\r\n".encode()
@@ -499,9 +528,11 @@ def _emulator_objects(emulator: StorageEmulator, bucket: str) -> list[str]:
         return [item["name"] for item in json.loads(r.read()).get("items", [])]
 
 
-async def _eventually(check: Callable[[], Awaitable[bool]], timeout: float = WAIT) -> None:
-    async with asyncio.timeout(timeout):
-        while not await check():
+async def _eventually(check: Callable[[], Awaitable[bool]], within: float = WAIT) -> None:
+    """Wait until ``check`` holds. It reads state of another process (/proc, /metrics) that
+    signals no event, so it is polled; the deadline bounds the wait."""
+    async with asyncio.timeout(within):
+        while not await check():  # noqa: ASYNC110
             await asyncio.sleep(0.05)
 
 
@@ -539,6 +570,28 @@ def _rss(pid: int) -> int:
 
 def _emulator_connections(pid: int, port: int) -> int:
     """Established TCP connections of process ``pid`` to ``127.0.0.1:port``."""
+    inodes = _socket_inodes(pid)
+    count = 0
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote, state, inode = fields[2], fields[3], fields[9]
+        if state == "01" and int(remote.split(":")[1], 16) == port and inode in inodes:
+            count += 1
+    return count
+
+
+def _unread_bytes(pid: int, port: int) -> int:
+    """Bytes waiting unread in the receive queues of ``pid``'s connections on local ``port``."""
+    inodes = _socket_inodes(pid)
+    unread = 0
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[9] in inodes:
+            unread += int(fields[4].split(":")[1], 16)
+    return unread
+
+
+def _socket_inodes(pid: int) -> set[str]:
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -547,10 +600,4 @@ def _emulator_connections(pid: int, port: int) -> int:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
-    count = 0
-    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        remote, state, inode = fields[2], fields[3], fields[9]
-        if state == "01" and int(remote.split(":")[1], 16) == port and inode in inodes:
-            count += 1
-    return count
+    return inodes
