@@ -10,12 +10,14 @@ variable is passed through to the service.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from .emulators import EmulatorError, PubSubEmulator, StorageEmulator
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_TOPIC = "demo"
+DEMO_BUCKET = "demo"  # created in the storage emulator and allowed unless LOOPGATE_BUCKETS is set
 DEFAULT_PROJECT = "loopgate-local"
 
 
@@ -40,6 +43,22 @@ def create_topics(project: str, topics: list[str]) -> None:
                 pass
     finally:
         publisher.stop()
+
+
+def create_bucket(storage_url: str, project: str, bucket: str) -> None:
+    """Create ``bucket`` in the Cloud Storage emulator at ``storage_url`` (if it is missing)."""
+    request = urllib.request.Request(
+        f"{storage_url}/storage/v1/b?project={project}",
+        data=json.dumps({"name": bucket}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+    except urllib.error.HTTPError as exc:
+        if exc.code != 409:
+            raise
 
 
 def wait_http(url: str, timeout: float, process: subprocess.Popen[bytes]) -> None:
@@ -64,6 +83,7 @@ def main() -> int:
     env = dict(os.environ)
     env.setdefault("LOOPGATE_PROJECT", DEFAULT_PROJECT)
     env.setdefault("LOOPGATE_TOPICS", DEMO_TOPIC)
+    env.setdefault("LOOPGATE_BUCKETS", DEMO_BUCKET)
     topics = sorted(
         {DEMO_TOPIC} | {t.strip() for t in env["LOOPGATE_TOPICS"].split(",") if t.strip() != "*"}
     )
@@ -83,6 +103,7 @@ def main() -> int:
         env["PUBSUB_EMULATOR_HOST"] = os.environ["PUBSUB_EMULATOR_HOST"] = pubsub.host
         env["STORAGE_EMULATOR_HOST"] = storage.url
         create_topics(env["LOOPGATE_PROJECT"], topics)
+        create_bucket(storage.url, env["LOOPGATE_PROJECT"], DEMO_BUCKET)
 
         command = [
             sys.executable, "-m", "hypercorn", "--config", str(ROOT / "hypercorn.toml"),
@@ -102,7 +123,9 @@ def main() -> int:
             f"  metrics: {base}/metrics\n"
             f"  publish: curl -s -X POST {base}/v1/topics/{DEMO_TOPIC}:publish "
             "-H 'Content-Type: application/json' "
-            "-d '{\"messages\": [{\"data\": \"aGVsbG8=\"}]}'\n",
+            "-d '{\"messages\": [{\"data\": \"aGVsbG8=\"}]}'\n"
+            f"  storage: curl -s -T README.md {base}/v1/buckets/{DEMO_BUCKET}/objects/readme.md "
+            f"&& curl -s {base}/v1/buckets/{DEMO_BUCKET}/objects\n",
             flush=True,
         )
         while not stop.is_set() and hypercorn.poll() is None:
