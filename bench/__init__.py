@@ -1,0 +1,1 @@
+"""Benchmarks of loopgate; run one with ``python -m bench.<name>``."""
