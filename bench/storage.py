@@ -223,7 +223,8 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
     args = parser.parse_args()
 
-    emulator = StorageEmulator().start()
+    emulator = StorageEmulator()
+    emulator.start()
     server: subprocess.Popen[bytes] | None = None
     try:
         create_bucket(emulator)

@@ -138,6 +138,15 @@ async def test_range_reads(client: Client, bucket: str) -> None:
     assert await response.get_data() == data
 
 
+async def test_empty_object(client: Client, bucket: str) -> None:
+    response = await client.put(path(bucket, "empty"), data=b"")
+    assert response.status_code == 201
+    assert (await response.get_json())["size"] == "0"
+    response = await client.get(path(bucket, "empty"), headers={"Range": "bytes=0-10"})
+    assert response.status_code == 200
+    assert await response.get_data() == b""
+
+
 async def test_if_none_match_on_read(client: Client, bucket: str) -> None:
     response = await client.put(path(bucket, "e"), data=b"etag me")
     etag = (await response.get_json())["etag"]
@@ -466,6 +475,29 @@ async def test_server_client_dropping_mid_upload(
     async with aiohttp.ClientSession() as http:
         async with http.get(url(server, bucket, "dropped")) as response:
             assert response.status == 404
+
+        # The same for a download cut short.
+        async with http.put(url(server, bucket, "large"), data=io.BytesIO(b"l" * 64 * MB)) as r:
+            assert r.status == 201
+        async with http.get(url(server, bucket, "large")) as response:
+            assert response.status == 200
+            await response.content.readexactly(MB)
+
+            async def downloading() -> bool:
+                text = await _metrics(server)
+                return metric_value(text, "loopgate_storage_transfers", direction="down") == 1
+
+            await _eventually(downloading)
+            response.close()
+
+    async def download_released() -> bool:
+        text = await _metrics(server)
+        return (
+            metric_value(text, "loopgate_storage_transfers", direction="down") == 0
+            and _emulator_connections(worker, storage_emulator.port) == 0
+        )
+
+    await _eventually(download_released)
     assert "Traceback" not in server.log()
 
 
