@@ -149,26 +149,38 @@ class StreamingBodies:
 
 
 def _finishing(stream: RequestStream, send: ASGISendCallable) -> ASGISendCallable:
-    """``send``, draining what is left of an unread body while the response's end is sent.
+    """``send``, receiving and dropping what is left of an unread body before the response ends.
 
-    A handler that answers without reading the whole body (a refused upload) leaves the rest in
-    Hypercorn's small receive queue. Ending the response makes Hypercorn queue a disconnect event
-    for the app, and with the queue full that waits forever: the connection, and the handler's
-    last ``send``, hang until the client goes away. Receiving and dropping the rest meanwhile lets
-    Hypercorn finish and close the connection.
+    A handler that answers without reading the whole body (a refused upload) leaves the rest to
+    come. Closing the connection then would reset it under a client still sending, which may
+    lose the answer; and ending the response with Hypercorn's small receive queue full makes it
+    wait forever to queue a disconnect event, holding the connection and the handler's last
+    ``send`` until the client goes away. So the rest of the body is received and dropped for up
+    to ``LINGER_SECONDS`` (the answer itself is already sent), then the response ends, with the
+    draining going on until Hypercorn has finished with the connection.
     """
+
+    async def drain_for(seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await stream.discard_rest()
 
     async def send_and_drain(message: ASGISendEvent) -> None:
         ending = message["type"] == "http.response.body" and not message.get("more_body", False)
         if not ending or stream.complete or stream.disconnected:
             await send(message)
             return
-        drain = asyncio.ensure_future(stream.discard_rest())
+        body = cast(bytes, message.get("body", b""))
+        if body:
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+        await drain_for(LINGER_SECONDS)
+        if stream.complete or stream.disconnected:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        drain = asyncio.ensure_future(drain_for(LINGER_SECONDS))
         try:
-            await send(message)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(LINGER_SECONDS):
-                    await asyncio.shield(drain)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await asyncio.shield(drain)
         finally:
             drain.cancel()
             with contextlib.suppress(asyncio.CancelledError):
