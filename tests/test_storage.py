@@ -377,10 +377,6 @@ async def test_server_finishes_the_exchange_of_a_refused_upload(
     assert _emulator_objects(storage_emulator, bucket) == ["exists"]
 
 
-def _blocks(count: int) -> list[bytes]:
-    return [index.to_bytes(4, "big") * (MB // 4) for index in range(count)]
-
-
 async def test_server_200mb_round_trip_in_bounded_memory(
     start_server: Callable[..., Awaitable[Server]], storage_emulator: StorageEmulator, bucket: str
 ) -> None:
