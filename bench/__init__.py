@@ -1,1 +1,1 @@
-"""Benchmarks of loopgate against the usual alternatives; run with ``python -m bench.publish``."""
+"""Benchmarks of loopgate; run one with ``python -m bench.<name>``."""

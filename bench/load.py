@@ -58,9 +58,13 @@ def run_wrk(
         RuntimeError: wrk failed or printed no result.
     """
     command = [
-        "wrk", f"--threads={threads}", f"--connections={connections}",
-        f"--duration={max(1, round(duration))}s", "--timeout=10s",
-        f"--script={LUA}", server.base_url + url_path,
+        "wrk",
+        f"--threads={threads}",
+        f"--connections={connections}",
+        f"--duration={max(1, round(duration))}s",
+        "--timeout=10s",
+        f"--script={LUA}",
+        server.base_url + url_path,
     ]
     env = {**os.environ, "BENCH_BODY_FILE": str(body_file)}
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)

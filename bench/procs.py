@@ -89,8 +89,13 @@ class Server:
     def start(self) -> None:
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            self.command, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            self.command,
+            env=self.env,
+            cwd=self.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def wait_ready(self, url_path: str, body: bytes, expected_ids: int, timeout: float) -> None:

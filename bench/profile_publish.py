@@ -48,8 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.profile_publish", description=(__doc__ or "").split("\n")[0]
     )
-    parser.add_argument("--setup", choices=[s for s in SETUPS if s != "flask-per-request"],
-                        default="loopgate")
+    parser.add_argument(
+        "--setup", choices=[s for s in SETUPS if s != "flask-per-request"], default="loopgate"
+    )
     parser.add_argument("--connections", type=int, default=256)
     parser.add_argument("--messages", type=int, default=1, help="messages per request")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of load")
@@ -102,8 +103,10 @@ def summarize(files: list[Path], cpu: float, requests: int, top: int) -> str:
     per_request = 1e6 * cpu / requests if requests else 0.0
     lines = [
         f"{total} samples; workers used {cpu:.1f} CPU s for {requests} requests: "
-        f"{per_request:.0f} us CPU per request", "",
-        "| layer (innermost frame) | share | us/request |", "|---|---:|---:|",
+        f"{per_request:.0f} us CPU per request",
+        "",
+        "| layer (innermost frame) | share | us/request |",
+        "|---|---:|---:|",
     ]
     for name, count in layers.most_common():
         lines.append(f"| {name} | {count / total:.1%} | {per_request * count / total:.0f} |")
@@ -118,8 +121,12 @@ def batch_sizes(base_url: str) -> str:
     with urllib.request.urlopen(base_url + "/metrics", timeout=10) as response:
         text = response.read().decode()
     values = {}
-    for name in ("loopgate_publish_batch_messages_sum", "loopgate_publish_batch_messages_count",
-                 "loopgate_publish_latency_seconds_sum", "loopgate_publish_latency_seconds_count"):
+    for name in (
+        "loopgate_publish_batch_messages_sum",
+        "loopgate_publish_batch_messages_count",
+        "loopgate_publish_latency_seconds_sum",
+        "loopgate_publish_latency_seconds_count",
+    ):
         found = re.search(rf"^{name} (\S+)$", text, re.M)
         values[name] = float(found[1]) if found else 0.0
     count = values["loopgate_publish_batch_messages_count"]
@@ -136,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists() or shutil.which("wrk") is None:
-        print("error: needs py-spy (pip install py-spy) and wrk (apt-get install wrk)",
-              file=sys.stderr)
+        print(
+            "error: needs py-spy (pip install py-spy) and wrk (apt-get install wrk)",
+            file=sys.stderr,
+        )
         return 1
     scratch = ROOT / "bench" / "out" / ("profile-" + time.strftime("%Y%m%d-%H%M%S"))
     scratch.mkdir(parents=True, exist_ok=True)
@@ -153,36 +162,60 @@ def main(argv: list[str] | None = None) -> int:
         create_topics(PROJECT, [TOPIC])
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("LOOPGATE_")},
-            "PYTHONPATH": str(ROOT), "BENCH_PROJECT": PROJECT, "LOOPGATE_PROJECT": PROJECT,
-            "LOOPGATE_TOPICS": TOPIC, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            "PYTHONPATH": str(ROOT),
+            "BENCH_PROJECT": PROJECT,
+            "LOOPGATE_PROJECT": PROJECT,
+            "LOOPGATE_TOPICS": TOPIC,
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
             "LOOPGATE_AUTH": "disabled",
         }
         port = free_port()
         command = server_command(args.setup, port, args.workers, args.threads, scratch)
-        server = Server(args.setup, LABELS[args.setup], command, env, ROOT,
-                        scratch / "server.out", port)
+        server = Server(
+            args.setup, LABELS[args.setup], command, env, ROOT, scratch / "server.out", port
+        )
         server.start()
         server.wait_ready(URL_PATH, body(1), 1, timeout=90)
 
         def load(duration: float) -> tuple[int, float]:
             assert emulator.process is not None and server is not None
-            run = run_wrk(server, url_path=URL_PATH, body_file=body_file,
-                          messages=args.messages, connections=args.connections,
-                          duration=duration, threads=2, emulator_pid=emulator.process.pid)
+            run = run_wrk(
+                server,
+                url_path=URL_PATH,
+                body_file=body_file,
+                messages=args.messages,
+                connections=args.connections,
+                duration=duration,
+                threads=2,
+                emulator_pid=emulator.process.pid,
+            )
             return run.requests, run.rps
 
         load(3)
         # The workers are the children that worked during the warm-up.
         assert server.process is not None
         children = [pid for pid in server.pids if pid != server.process.pid]
-        workers = sorted(children, key=lambda pid: cpu_seconds([pid]))[-args.workers:]
+        workers = sorted(children, key=lambda pid: cpu_seconds([pid]))[-args.workers :]
         outputs = [scratch / f"pyspy-{pid}.txt" for pid in workers]
         spies = [
             subprocess.Popen(
-                [spy, "record", "--pid", str(pid), "--duration", str(int(args.duration)),
-                 "--rate", str(args.rate), "--format", "raw", "--nonblocking",
-                 "--output", str(out)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--duration",
+                    str(int(args.duration)),
+                    "--rate",
+                    str(args.rate),
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "--output",
+                    str(out),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             for pid, out in zip(workers, outputs, strict=True)
         ]
@@ -192,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         cpu = sum(split)
         for process in spies:
             process.wait(timeout=60)
-        print(f"{args.setup} at {args.connections} connections, {args.messages} message(s) "
-              f"per request: {rps:,.0f} req/s while sampled (py-spy adds some load)\n")
+        print(
+            f"{args.setup} at {args.connections} connections, {args.messages} message(s) "
+            f"per request: {rps:,.0f} req/s while sampled (py-spy adds some load)\n"
+        )
         print("CPU seconds per worker: " + ", ".join(f"{c:.1f}" for c in split))
         if args.setup == "loopgate":
             print(batch_sizes(server.base_url))

@@ -53,16 +53,31 @@ def server_command(key: str, port: int, workers: int, threads: int, scratch: Pat
     if key.startswith("flask"):
         module = key.replace("-", "_")
         return [
-            sys.executable, "-m", "gunicorn", f"--workers={workers}", "--worker-class=gthread",
-            f"--threads={threads}", f"--bind={bind}", "--backlog=2048", "--keep-alive=75",
-            "--access-logfile=/dev/null", f"--error-logfile={scratch / (key + '.err')}",
+            sys.executable,
+            "-m",
+            "gunicorn",
+            f"--workers={workers}",
+            "--worker-class=gthread",
+            f"--threads={threads}",
+            f"--bind={bind}",
+            "--backlog=2048",
+            "--keep-alive=75",
+            "--access-logfile=/dev/null",
+            f"--error-logfile={scratch / (key + '.err')}",
             f"bench.apps.{module}:app",
         ]
     app = "service:create_app()" if key == "loopgate" else "bench.apps.quart_noop:app"
     return [
-        sys.executable, "-m", "hypercorn", "--config", str(ROOT / "hypercorn.toml"),
-        f"--workers={workers}", f"--bind={bind}", "--access-logfile=/dev/null",
-        f"--error-logfile={scratch / (key + '.err')}", app,
+        sys.executable,
+        "-m",
+        "hypercorn",
+        "--config",
+        str(ROOT / "hypercorn.toml"),
+        f"--workers={workers}",
+        f"--bind={bind}",
+        "--access-logfile=/dev/null",
+        f"--error-logfile={scratch / (key + '.err')}",
+        app,
     ]
 
 
@@ -129,8 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         for key in args.setups:
             port = free_port()
             servers[key] = Server(
-                key, LABELS[key], server_command(key, port, args.workers, args.threads, scratch),
-                env, ROOT, scratch / f"{key}.out", port,
+                key,
+                LABELS[key],
+                server_command(key, port, args.workers, args.threads, scratch),
+                env,
+                ROOT,
+                scratch / f"{key}.out",
+                port,
             )
             servers[key].start()
         for server in servers.values():
@@ -140,9 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         def measure(key: str, connections: int, messages: int, duration: float) -> Run:
             assert emulator.process is not None
             run = run_wrk(
-                servers[key], url_path=URL_PATH, body_file=batched if messages > 1 else single,
-                messages=messages, connections=connections, duration=duration,
-                threads=args.wrk_threads, emulator_pid=emulator.process.pid,
+                servers[key],
+                url_path=URL_PATH,
+                body_file=batched if messages > 1 else single,
+                messages=messages,
+                connections=connections,
+                duration=duration,
+                threads=args.wrk_threads,
+                emulator_pid=emulator.process.pid,
             )
             time.sleep(1.0)  # let the server settle between runs
             return run
@@ -159,16 +184,22 @@ def main(argv: list[str] | None = None) -> int:
                 for key in order:
                     run = measure(key, connections, 1, args.duration)
                     runs.append(run)
-                    print(f"  round {round_ + 1}: {key:<18} c={connections:<4} "
-                          f"{run.rps:8.0f} req/s  p50 {run.p50_ms:7.1f} ms  "
-                          f"p99 {run.p99_ms:7.1f} ms  errors {run.errors}", flush=True)
+                    print(
+                        f"  round {round_ + 1}: {key:<18} c={connections:<4} "
+                        f"{run.rps:8.0f} req/s  p50 {run.p50_ms:7.1f} ms  "
+                        f"p99 {run.p99_ms:7.1f} ms  errors {run.errors}",
+                        flush=True,
+                    )
             if "loopgate" in servers and args.batch_size > 1:
                 for connections in args.batch_connections:
                     run = measure("loopgate", connections, args.batch_size, args.duration)
                     runs.append(run)
-                    print(f"  round {round_ + 1}: loopgate x{args.batch_size:<4}    "
-                          f"c={connections:<4} {run.mps:8.0f} msg/s  p99 {run.p99_ms:7.1f} ms  "
-                          f"errors {run.errors}", flush=True)
+                    print(
+                        f"  round {round_ + 1}: loopgate x{args.batch_size:<4}    "
+                        f"c={connections:<4} {run.mps:8.0f} msg/s  p99 {run.p99_ms:7.1f} ms  "
+                        f"errors {run.errors}",
+                        flush=True,
+                    )
     except (EmulatorError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

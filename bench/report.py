@@ -41,8 +41,11 @@ class Conditions:
     @classmethod
     def now(cls, args: argparse.Namespace) -> Conditions:
         cpu = next(
-            (line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
-             if line.startswith("model name")),
+            (
+                line.split(":", 1)[1].strip()
+                for line in _read("/proc/cpuinfo").splitlines()
+                if line.startswith("model name")
+            ),
             platform.processor() or "unknown",
         )
         versions = {}
@@ -96,8 +99,11 @@ def _output(command: list[str]) -> str:
 
 
 def _pick(runs: list[Run], setup: str, connections: int, messages: int = 1) -> list[Run]:
-    return [r for r in runs
-            if r.setup == setup and r.connections == connections and r.messages == messages]
+    return [
+        r
+        for r in runs
+        if r.setup == setup and r.connections == connections and r.messages == messages
+    ]
 
 
 def _per_round_ratio(top: list[Run], bottom: list[Run]) -> float | None:
@@ -107,8 +113,10 @@ def _per_round_ratio(top: list[Run], bottom: list[Run]) -> float | None:
 
 def render_table(runs: list[Run], conditions: Conditions) -> str:
     """Markdown tables of medians over rounds, the targets, and the run's conditions."""
-    single = sorted({(r.connections, r.setup) for r in runs if r.messages == 1},
-                    key=lambda item: (item[0], SETUP_ORDER.get(item[1], 9)))
+    single = sorted(
+        {(r.connections, r.setup) for r in runs if r.messages == 1},
+        key=lambda item: (item[0], SETUP_ORDER.get(item[1], 9)),
+    )
     lines = [
         "| setup | conns | req/s | vs ceiling | vs global | p50 ms | p99 ms | errors "
         "| server CPU ms/req | emulator CPU ms/req | req/s per round |",
@@ -129,9 +137,12 @@ def render_table(runs: list[Run], conditions: Conditions) -> str:
         )
     batched = sorted({(r.connections, r.messages) for r in runs if r.messages > 1})
     if batched:
-        lines += ["", "| loopgate, batched | conns | messages/s | req/s | p50 ms | p99 ms "
-                  "| errors | server CPU us/msg | emulator CPU us/msg | messages/s per round |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            "",
+            "| loopgate, batched | conns | messages/s | req/s | p50 ms | p99 ms "
+            "| errors | server CPU us/msg | emulator CPU us/msg | messages/s per round |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
         for connections, messages in batched:
             chosen = _pick(runs, LOOPGATE, connections, messages)
             lines.append(
@@ -156,19 +167,27 @@ def _targets(runs: list[Run]) -> list[str]:
     ours = _pick(runs, LOOPGATE, TARGET_CONNECTIONS)
     ceiling = _per_round_ratio(ours, _pick(runs, CEILING, TARGET_CONNECTIONS))
     if ceiling is not None:
-        lines.append(f"- req/s at least {TARGET_RATIO:.0%} of the no-op ceiling: "
-                     f"{ceiling:.0%} -> {'met' if ceiling >= TARGET_RATIO else 'NOT met'}")
+        lines.append(
+            f"- req/s at least {TARGET_RATIO:.0%} of the no-op ceiling: "
+            f"{ceiling:.0%} -> {'met' if ceiling >= TARGET_RATIO else 'NOT met'}"
+        )
     peers = _pick(runs, GLOBAL, TARGET_CONNECTIONS)
     if ours and peers:
         mine, theirs = median(r.p99_ms for r in ours), median(r.p99_ms for r in peers)
-        lines.append(f"- p99 no worse than the global client's: {mine:.1f} ms vs {theirs:.1f} ms "
-                     f"-> {'met' if mine <= theirs else 'NOT met'}")
+        lines.append(
+            f"- p99 no worse than the global client's: {mine:.1f} ms vs {theirs:.1f} ms "
+            f"-> {'met' if mine <= theirs else 'NOT met'}"
+        )
     batched = [r for r in runs if r.setup == LOOPGATE and r.messages > 1]
     if batched:
-        best = max(median(r.mps for r in batched if r.connections == c)
-                   for c in {r.connections for r in batched})
-        lines.append(f"- {TARGET_MPS:,} messages/s with batched requests: {best:,.0f} "
-                     f"-> {'met' if best >= TARGET_MPS else 'NOT met'}")
+        best = max(
+            median(r.mps for r in batched if r.connections == c)
+            for c in {r.connections for r in batched}
+        )
+        lines.append(
+            f"- {TARGET_MPS:,} messages/s with batched requests: {best:,.0f} "
+            f"-> {'met' if best >= TARGET_MPS else 'NOT met'}"
+        )
     return lines
 
 
@@ -204,8 +223,7 @@ def write_results(path: Path, runs: list[Run], conditions: Conditions) -> None:
     section = (
         "## Publish\n\nHTTP publish through each setup, 2 workers each, one Pub/Sub emulator, "
         "loopback only; medians over interleaved rounds (ratios are medians of per-round "
-        "ratios). Written by `python -m bench.publish`.\n\n"
-        + render_table(runs, conditions) + "\n"
+        "ratios). Written by `python -m bench.publish`.\n\n" + render_table(runs, conditions) + "\n"
     )
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     pattern = re.compile(r"^## Publish\n.*?(?=^## |\Z)", re.S | re.M)

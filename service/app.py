@@ -18,8 +18,9 @@ from .config import Settings, load_settings
 from .errors import ServiceError, describe_validation_error, error_body
 from .fanout import FANOUT
 from .logs import configure_logging, init_request_ids
+from .openapi import LoopgateOpenAPIProvider
 from .registry import ClientSpec, LoopRegistries, bind_registry
-from .routes import health, publish, stream
+from .routes import health, publish, storage, stream
 from .shutdown import GATE
 
 log = logging.getLogger("loopgate")
@@ -44,7 +45,10 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["QUART_SCHEMA_CONVERT_CASING"] = False
     QuartSchema(
-        app, info=Info(title="loopgate", version="0.1.0"), security_schemes=SECURITY_SCHEMES
+        app,
+        info=Info(title="loopgate", version="0.1.0"),
+        security_schemes=SECURITY_SCHEMES,
+        openapi_provider_class=LoopgateOpenAPIProvider,
     )
     init_request_ids(app)
     init_auth(app, settings)
@@ -56,6 +60,7 @@ def create_app(
     app.register_blueprint(health.blueprint)
     app.register_blueprint(publish.blueprint)
     app.register_blueprint(stream.blueprint)
+    app.register_blueprint(storage.blueprint)
     _register_error_handlers(app)
 
     @app.before_request

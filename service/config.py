@@ -102,7 +102,29 @@ class Settings(BaseSettings):
     queue_max_outstanding: int = Field(default=100, ge=1, description="Per queue connection.")
     queue_max_lease: float = Field(default=600.0, ge=10, description="Longest a message is held.")
 
-    @field_validator("topics", "subscriptions", "allowed_origins", mode="before")
+    buckets: CommaList = Field(
+        default=(),
+        description="Cloud Storage buckets that may be used (comma separated; '*' allows all).",
+    )
+    max_object_bytes: int = Field(
+        default=5 * 1024**4,
+        ge=1,
+        description="Largest object accepted by an upload; larger bodies are refused with 413.",
+    )
+    storage_chunk_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=256 * 1024,
+        multiple_of=256 * 1024,
+        description=(
+            "Uploads up to this size are buffered and sent in one request; larger uploads of "
+            "unknown length are forwarded in pieces of this size (a multiple of 256 KiB)."
+        ),
+    )
+    storage_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds a Cloud Storage call may wait for data."
+    )
+
+    @field_validator("topics", "subscriptions", "allowed_origins", "buckets", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -116,6 +138,10 @@ class Settings(BaseSettings):
     def subscription_allowed(self, subscription: str) -> bool:
         """Whether ``subscription`` is in the ``LOOPGATE_SUBSCRIPTIONS`` allowlist."""
         return "*" in self.subscriptions or subscription in self.subscriptions
+
+    def bucket_allowed(self, bucket: str) -> bool:
+        """Whether ``bucket`` is in the ``LOOPGATE_BUCKETS`` allowlist."""
+        return "*" in self.buckets or bucket in self.buckets
 
     def topic_path(self, topic: str) -> str:
         return f"projects/{self.project}/topics/{topic}"

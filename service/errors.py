@@ -82,6 +82,41 @@ class TopicNotFound(NotFound):
         self.topic = topic
 
 
+class PermissionDenied(ServiceError):
+    """The backend refused the service's own credentials."""
+
+    status_code = 403
+    status = "PERMISSION_DENIED"
+
+
+class PreconditionFailed(ServiceError):
+    """A condition of the request (``If-None-Match``, a generation) does not hold."""
+
+    status_code = 412
+    status = "FAILED_PRECONDITION"
+
+
+class PayloadTooLarge(ServiceError):
+    """The request body is larger than allowed; it was not read."""
+
+    status_code = 413
+    status = "PAYLOAD_TOO_LARGE"
+
+
+class RangeNotSatisfiable(ServiceError):
+    """The requested byte range lies outside the object."""
+
+    status_code = 416
+    status = "OUT_OF_RANGE"
+
+    def __init__(self, message: str, *, size: int) -> None:
+        super().__init__(message)
+        self.size = size
+
+    def headers(self) -> dict[str, str]:
+        return {"Content-Range": f"bytes */{self.size}"}
+
+
 class Unavailable(ServiceError):
     """A backend cannot serve the request now; try again after ``retry_after`` seconds."""
 

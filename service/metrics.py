@@ -102,6 +102,16 @@ FANOUT_SUBSCRIPTIONS = Gauge(
     multiprocess_mode="livesum",
 )
 
+STORAGE_BYTES = Counter(
+    "loopgate_storage_bytes", "Object bytes moved through loopgate, by direction.", ["direction"]
+)
+STORAGE_TRANSFERS = Gauge(
+    "loopgate_storage_transfers",
+    "Object uploads and downloads in progress, by direction.",
+    ["direction"],
+    multiprocess_mode="livesum",
+)
+
 
 def render() -> tuple[bytes, str]:
     """The metrics of every worker of this instance, in Prometheus text format."""

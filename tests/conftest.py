@@ -322,3 +322,38 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if {"pubsub_emulator", "storage_emulator"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.emulator)
+
+
+# -- Cloud Storage emulator -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def storage_emulator() -> Iterator[Any]:
+    from service.dev.emulators import StorageEmulator
+
+    emulator = StorageEmulator().start()
+    os.environ["STORAGE_EMULATOR_HOST"] = emulator.url
+    yield emulator
+    emulator.stop()
+
+
+def create_bucket(emulator: Any, name: str | None = None) -> str:
+    """Create a bucket in the storage emulator (synchronously, for test setup)."""
+    import json
+    import urllib.request
+
+    name = name or f"b-{uuid.uuid4().hex[:12]}"
+    request = urllib.request.Request(
+        f"{emulator.url}/storage/v1/b?project={PROJECT}",
+        data=json.dumps({"name": name}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=WAIT) as response:
+        assert response.status == 200
+    return name
+
+
+@pytest.fixture
+def bucket(storage_emulator: Any) -> str:
+    return create_bucket(storage_emulator)

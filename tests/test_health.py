@@ -25,6 +25,7 @@ async def test_readyz_lists_every_eager_client(client: Any) -> None:
         "subscriber": "ok",
         "connection-gate": "ok",
         "fanout": "ok",
+        "storage": "ok",
     }
 
 

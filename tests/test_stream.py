@@ -186,7 +186,7 @@ async def test_queue_mode_redelivers_nacked_and_abandoned_messages(
         await ws.close()  # while holding the message without acking it
         # It is available again at once (not after its lease): a plain pull gets it. (The emulator
         # does not hand a nacked message to a streaming pull opened after the nack.)
-        redelivered = await asyncio.to_thread(topic.received, 1, 5.0)  # well within its lease
+        redelivered = await asyncio.to_thread(topic.received, 1, 9.0)  # within its lease
         assert [m.message_id for m in redelivered] == [message_id]
 
 

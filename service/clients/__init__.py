@@ -16,11 +16,12 @@ from ..registry import ClientSpec
 from .publisher import Publisher
 from .pubsub import CREDENTIALS, PUBLISHER, SUBSCRIBER
 from .session import HTTP
+from .storage import STORAGE, StorageClient
 
 
 def builtin_clients() -> list[ClientSpec[Any]]:
     """The clients every app declares, in startup order."""
-    return [HTTP, PUBLISHER, SUBSCRIBER, CREDENTIALS]
+    return [HTTP, PUBLISHER, SUBSCRIBER, CREDENTIALS, STORAGE]
 
 
 async def get_publisher() -> Publisher:
@@ -33,6 +34,11 @@ async def get_subscriber() -> SubscriberAsyncClient:
     return await SUBSCRIBER.get()
 
 
+async def get_storage() -> StorageClient:
+    """The loop's Cloud Storage client (gcloud-aio-storage over the loop's aiohttp session)."""
+    return await STORAGE.get()
+
+
 async def get_http() -> aiohttp.ClientSession:
     """The loop's shared aiohttp session."""
     return await HTTP.get()
@@ -42,9 +48,11 @@ __all__ = [
     "CREDENTIALS",
     "HTTP",
     "PUBLISHER",
+    "STORAGE",
     "SUBSCRIBER",
     "builtin_clients",
     "get_http",
     "get_publisher",
+    "get_storage",
     "get_subscriber",
 ]

@@ -14,12 +14,14 @@ variable is passed through to the service.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -31,10 +33,11 @@ from .emulators import EmulatorError, PubSubEmulator, StorageEmulator
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_TOPIC = "demo"
+DEMO_BUCKET = "demo"  # created in the storage emulator and allowed unless LOOPGATE_BUCKETS is set
 DEFAULT_PROJECT = "loopgate-local"
 DEV_DIR = ROOT / ".loopgate"
 # The stream route the websocket example uses.
-STREAM_EXAMPLE_PATH = f"/v1/topics/{DEMO_TOPIC}:stream"
+STREAM_EXAMPLE_PATH = f"/v1/topics/{DEMO_TOPIC}/stream"
 
 
 def dev_token(directory: Path = DEV_DIR) -> tuple[str, Path]:
@@ -67,6 +70,22 @@ def create_topics(project: str, topics: list[str]) -> None:
         publisher.stop()
 
 
+def create_bucket(storage_url: str, project: str, bucket: str) -> None:
+    """Create ``bucket`` in the Cloud Storage emulator at ``storage_url`` (if it is missing)."""
+    request = urllib.request.Request(
+        f"{storage_url}/storage/v1/b?project={project}",
+        data=json.dumps({"name": bucket}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+    except urllib.error.HTTPError as exc:
+        if exc.code != 409:
+            raise
+
+
 def wait_http(url: str, timeout: float, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -93,6 +112,7 @@ def main() -> int:
     if "LOOPGATE_AUTH_FILE" not in env and "LOOPGATE_AUTH" not in env:
         token, tokens_path = dev_token()
         env["LOOPGATE_AUTH_FILE"] = str(tokens_path)
+    env.setdefault("LOOPGATE_BUCKETS", DEMO_BUCKET)
     topics = sorted(
         {DEMO_TOPIC} | {t.strip() for t in env["LOOPGATE_TOPICS"].split(",") if t.strip() != "*"}
     )
@@ -112,6 +132,7 @@ def main() -> int:
         env["PUBSUB_EMULATOR_HOST"] = os.environ["PUBSUB_EMULATOR_HOST"] = pubsub.host
         env["STORAGE_EMULATOR_HOST"] = storage.url
         create_topics(env["LOOPGATE_PROJECT"], topics)
+        create_bucket(storage.url, env["LOOPGATE_PROJECT"], DEMO_BUCKET)
 
         command = [
             sys.executable,
@@ -139,6 +160,9 @@ def main() -> int:
             + f"  publish: curl -s -X POST {base}/v1/topics/{DEMO_TOPIC}:publish {auth}"
             "-H 'Content-Type: application/json' "
             '-d \'{"messages": [{"data": "aGVsbG8="}]}\'\n'
+            f"  storage: curl -s {auth}-T README.md "
+            f"{base}/v1/buckets/{DEMO_BUCKET}/objects/readme.md "
+            f"&& curl -s {auth}{base}/v1/buckets/{DEMO_BUCKET}/objects\n"
             + (
                 f"  websocket: websocat 'ws://127.0.0.1:{port}{STREAM_EXAMPLE_PATH}"
                 f"?access_token={token}'\n"

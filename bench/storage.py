@@ -1,0 +1,314 @@
+"""Cloud Storage throughput: objects up and down through loopgate, next to the same transfers made
+directly against the emulator with gcloud-aio-storage (the ceiling), in one run.
+
+Starts its own storage emulator and one Hypercorn worker on loopback, runs a bounded number of
+interleaved transfers per size, prints a table and writes it to the "Storage" section of
+``bench/RESULTS.md``. Run with ``python -m bench.storage`` (options: ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from gcloud.aio.storage import Storage
+
+from service.dev.emulators import StorageEmulator, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "RESULTS.md"
+MB = 1024 * 1024
+BUCKET = "bench"
+SIZES = {1 * MB: 40, 50 * MB: 8}  # object size -> repetitions per direction and path
+DEADLINE = 600.0  # the whole run stops after this many seconds
+OP_TIMEOUT = 120.0
+
+
+@dataclass
+class Series:
+    seconds: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # worker CPU seconds per transfer (10 ms ticks)
+
+    def mb_per_s(self, size: int) -> float:
+        return size / MB / statistics.median(self.seconds)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_seconds() -> float:
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def family(pid: int) -> list[int]:
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        for child in children.read_text().split():
+            pids += family(int(child))
+    return pids
+
+
+def start_loopgate(emulator: StorageEmulator, port: int) -> subprocess.Popen[bytes]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LOOPGATE_")}
+    env.update(
+        LOOPGATE_PROJECT="bench",
+        LOOPGATE_BUCKETS=BUCKET,
+        LOOPGATE_EAGER="false",
+        STORAGE_EMULATOR_HOST=emulator.url,
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "hypercorn",
+        "--config",
+        str(ROOT / "hypercorn.toml"),
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        "1",
+        "--access-logfile",
+        "/dev/null",
+        "service:create_app()",
+    ]
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                return process
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError("hypercorn exited at start") from None
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("hypercorn did not start")
+
+
+def create_bucket(emulator: StorageEmulator) -> None:
+    request = urllib.request.Request(
+        f"{emulator.url}/storage/v1/b?project=bench",
+        data=json.dumps({"name": BUCKET}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10):
+        pass
+
+
+async def timed(operation: Callable[[], Awaitable[None]]) -> float:
+    started = time.perf_counter()
+    await asyncio.wait_for(operation(), OP_TIMEOUT)
+    return time.perf_counter() - started
+
+
+async def measure(
+    base: str, emulator: StorageEmulator, worker: int
+) -> dict[tuple[int, str, str], Series]:
+    results: dict[tuple[int, str, str], Series] = {}
+    deadline = time.monotonic() + DEADLINE
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=OP_TIMEOUT)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        storage = Storage(session=http, api_root=emulator.url, api_is_dev=True)  # type: ignore[arg-type]
+
+        def object_url(name: str) -> str:
+            return f"{base}/v1/buckets/{BUCKET}/objects/{name}"
+
+        async def loopgate_up(name: str, data: bytes) -> None:
+            headers = {"Content-Type": "application/octet-stream"}
+            async with http.put(object_url(name), data=io.BytesIO(data), headers=headers) as r:
+                assert r.status == 201, await r.text()
+                await r.read()
+
+        async def loopgate_down(name: str, size: int) -> None:
+            received = 0
+            async with http.get(object_url(name)) as response:
+                assert response.status == 200, await response.text()
+                async for chunk in response.content.iter_chunked(256 * 1024):
+                    received += len(chunk)
+            assert received == size
+
+        async def direct_up(name: str, data: bytes) -> None:
+            await storage.upload(
+                BUCKET, name, data, content_type="application/octet-stream", timeout=int(OP_TIMEOUT)
+            )
+
+        async def direct_down(name: str, size: int) -> None:
+            assert len(await storage.download(BUCKET, name, timeout=int(OP_TIMEOUT))) == size
+
+        paths = {
+            "loopgate": (loopgate_up, loopgate_down),
+            "direct": (direct_up, direct_down),
+        }
+        for size, repetitions in SIZES.items():
+            data = os.urandom(size)
+            for path, (up, down) in paths.items():  # warm-up, not measured
+                await up(f"{path}-{size}", data)
+                await down(f"{path}-{size}", size)
+            for _ in range(repetitions):
+                for path, (up, down) in paths.items():
+                    if time.monotonic() > deadline:
+                        return results
+                    name = f"{path}-{size}"
+                    for direction, operation in (
+                        ("up", lambda up=up, name=name, data=data: up(name, data)),
+                        ("down", lambda down=down, name=name, size=size: down(name, size)),
+                    ):
+                        series = results.setdefault((size, path, direction), Series())
+                        cpu = cpu_seconds(worker)
+                        series.seconds.append(await timed(operation))
+                        series.cpu.append(cpu_seconds(worker) - cpu)
+    return results
+
+
+def targets(results: dict[tuple[int, str, str], Series]) -> list[str]:
+    lines = []
+    for size in SIZES:
+        for direction in ("up", "down"):
+            through = results.get((size, "loopgate", direction))
+            direct = results.get((size, "direct", direction))
+            if through and direct:
+                ratio = through.mb_per_s(size) / direct.mb_per_s(size)
+                verdict = "met" if ratio >= 0.8 else "NOT met"
+                lines.append(f"- {size // MB} MB {direction}: {ratio:.0%} -> {verdict}")
+    return lines
+
+
+def table(results: dict[tuple[int, str, str], Series]) -> list[str]:
+    lines = [
+        "| object | direction | loopgate MB/s | direct MB/s | loopgate / direct "
+        "| loopgate worker CPU ms/MB (mean) | transfers |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for size in SIZES:
+        for direction in ("up", "down"):
+            through = results.get((size, "loopgate", direction))
+            direct = results.get((size, "direct", direction))
+            if not through or not direct:
+                continue
+            ours, ceiling = through.mb_per_s(size), direct.mb_per_s(size)
+            cpu_per_mb = sum(through.cpu) * 1000 / (len(through.cpu) * size / MB)
+            lines.append(
+                f"| {size // MB} MB | {direction} | {ours:.1f} | {ceiling:.1f} | "
+                f"{ours / ceiling:.0%} | {cpu_per_mb:.1f} "
+                f"| {len(through.seconds)} + {len(direct.seconds)} |"
+            )
+    return lines
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_section(lines: list[str]) -> None:
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    section = "\n".join(["## Storage", "", *lines]) + "\n"
+    start = text.find("## Storage")
+    if start == -1:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + ("" if end == -1 else text[end:])
+    RESULTS.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
+    args = parser.parse_args()
+
+    emulator = StorageEmulator()
+    emulator.start()
+    server: subprocess.Popen[bytes] | None = None
+    try:
+        create_bucket(emulator)
+        port = free_port()
+        server = start_loopgate(emulator, port)
+        assert emulator.process is not None
+        ours = [os.getpid(), *family(server.pid), *family(emulator.process.pid)]
+        worker = next(
+            pid
+            for pid in family(server.pid)[1:]
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        )
+        cpu_before = {pid: cpu_seconds(pid) for pid in ours}
+        busy_before, wall_before = busy_seconds(), time.monotonic()
+        load_before = os.getloadavg()[0]
+        results = asyncio.run(measure(f"http://127.0.0.1:{port}", emulator, worker))
+        wall = time.monotonic() - wall_before
+        busy = busy_seconds() - busy_before
+        used = {pid: cpu_seconds(pid) - before for pid, before in cpu_before.items()}
+        others = max(0.0, busy - sum(used.values())) / wall
+    finally:
+        if server is not None and server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+        emulator.stop()
+
+    lines = [
+        "Object transfers through loopgate (one Hypercorn worker) and the same transfers made "
+        "directly against the storage emulator with gcloud-aio-storage, one at a time, "
+        "interleaved, loopback only; MB/s are medians (MB = 2^20 bytes). Written by "
+        "`python -m bench.storage`.",
+        "",
+        *table(results),
+        "",
+        "Target: loopgate at least 80% of the direct figure (same run):",
+        *targets(results),
+        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {commit()}; "
+        f"run took {wall:.0f} s",
+        f"- machine: nproc {os.cpu_count()}, {cpu_model()}; load average {load_before:.2f} at "
+        f"start; other processes used {others:.2f} cores on average while measuring",
+        "- the emulator is gcp-storage-emulator (single-threaded, in memory): it bounds both "
+        "columns",
+    ]
+    print("\n".join(lines))
+    if not args.no_write:
+        write_section(lines)
+        print(f"\nwritten to {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Cloud Storage: one gcloud-aio-storage ``Storage`` per event loop, over the loop's session.
+
+The client is built on the loop's shared ``aiohttp.ClientSession`` (the ``http`` client).
+gcloud-aio never closes a session it was handed; the registry closes the ``http`` client once,
+after this one.
+``STORAGE_EMULATOR_HOST`` (``http://host:port``) points it at an emulator and drops authentication.
+
+What gcloud-aio-storage does here, and what it cannot:
+
+* metadata, listing, deletion and small uploads go through its public calls;
+* downloads stream through its ``download_stream``, which hands back the open response;
+* uploads cannot stream: ``Storage.upload`` takes bytes or a seekable file object (it measures the
+  length by seeking and sends the whole stream in one call), so an upload cannot be fed from a
+  request body as it arrives. Uploads larger than ``storage_chunk_bytes`` therefore run a resumable
+  upload with the loop's session directly (:meth:`StorageClient.upload_stream`): the body's chunks
+  are forwarded as they arrive, and the object exists only once the last byte is in. An upload cut
+  short leaves an unfinished upload session, never an object; Cloud Storage discards such sessions
+  after a week.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, cast
+from urllib.parse import quote
+
+import aiohttp
+from gcloud.aio.auth import Token
+from gcloud.aio.storage import Storage
+
+from ..config import Settings
+from ..errors import NotFound
+from ..registry import ClientSpec, current_settings
+from .session import HTTP
+from .storage_errors import BodyError, raise_for_status, translate
+
+SCOPES = ["https://www.googleapis.com/auth/devstorage.read_write"]
+DEFAULT_API_ROOT = "https://storage.googleapis.com"
+# Fields of an object's metadata that loopgate answers.
+METADATA_FIELDS = (
+    "bucket",
+    "name",
+    "size",
+    "contentType",
+    "md5Hash",
+    "crc32c",
+    "etag",
+    "generation",
+    "metageneration",
+    "timeCreated",
+    "updated",
+)
+
+
+def object_metadata(resource: dict[str, Any]) -> dict[str, Any]:
+    """The public part of an object resource."""
+    return {key: resource[key] for key in METADATA_FIELDS if resource.get(key) is not None}
+
+
+class StorageClient:
+    """Cloud Storage calls of one event loop."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        session: aiohttp.ClientSession,
+        settings: Settings,
+        *,
+        api_root: str,
+        emulator: bool,
+    ) -> None:
+        self.storage = storage
+        self.session = session
+        self.api_root = api_root.rstrip("/")
+        self.emulator = emulator
+        self.chunk_bytes = settings.storage_chunk_bytes
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=10, sock_read=settings.storage_timeout
+        )
+        # gcloud-aio types its timeouts as int but hands a ClientTimeout through unchanged.
+        self._aio_timeout = cast(int, self.timeout)
+
+    async def _auth(self) -> dict[str, str]:
+        if self.emulator:
+            return {}
+        return {"Authorization": f"Bearer {await self.storage.token.get()}"}
+
+    # -- gcloud-aio-storage calls ---------------------------------------------------------------
+
+    async def metadata(self, bucket: str, name: str) -> dict[str, Any]:
+        """The object's resource.
+
+        Raises:
+            NotFound, BackendError, Unavailable: as :func:`translate` maps them.
+        """
+        with translate(bucket, name):
+            return await self.storage.download_metadata(bucket, name, timeout=self._aio_timeout)
+
+    async def exists(self, bucket: str, name: str) -> bool:
+        """Whether the object exists (a missing bucket raises)."""
+        try:
+            await self.metadata(bucket, name)
+        except NotFound as exc:
+            if exc.resource == name:
+                return False
+            raise
+        return True
+
+    async def list(self, bucket: str, params: dict[str, str]) -> dict[str, Any]:
+        """One backend page of ``bucket``'s objects."""
+        with translate(bucket, None):
+            return await self.storage.list_objects(bucket, params=params, timeout=self._aio_timeout)
+
+    async def delete(self, bucket: str, name: str) -> None:
+        with translate(bucket, name):
+            await self.storage.delete(bucket, name, timeout=self._aio_timeout)
+
+    async def upload_small(
+        self, bucket: str, name: str, data: bytes, *, content_type: str, if_absent: bool
+    ) -> dict[str, Any]:
+        """Upload a body already in memory, in one request."""
+        parameters = {"ifGenerationMatch": "0"} if if_absent else {}
+        with translate(bucket, name):
+            return await self.storage.upload(
+                bucket,
+                name,
+                data,
+                content_type=content_type,
+                parameters=parameters,
+                force_resumable_upload=False,
+                timeout=self._aio_timeout,
+            )
+
+    @asynccontextmanager
+    async def download(
+        self, bucket: str, name: str, byte_range: tuple[int, int] | None = None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The open media response of the object (``byte_range`` is inclusive); the connection is
+        dropped when the body is left unread."""
+        headers = {"Range": f"bytes={byte_range[0]}-{byte_range[1]}"} if byte_range else {}
+        with translate(bucket, name):
+            stream = await self.storage.download_stream(
+                bucket, name, headers=headers, timeout=self._aio_timeout
+            )
+        response: aiohttp.ClientResponse = await stream.__aenter__()
+        try:
+            yield response
+        finally:
+            if not response.content.at_eof():
+                response.close()
+            await stream.__aexit__(None, None, None)
+
+    # -- resumable upload over the session --------------------------------------------------------
+
+    async def upload_stream(
+        self,
+        bucket: str,
+        name: str,
+        chunks: AsyncIterator[bytes],
+        *,
+        size: int | None,
+        content_type: str,
+        if_absent: bool,
+    ) -> dict[str, Any]:
+        """Upload ``chunks`` with a resumable upload, forwarding each chunk as it arrives.
+
+        With a known ``size`` the body goes in one streamed request; otherwise in pieces of
+        ``storage_chunk_bytes``, each buffered once. Errors raised by ``chunks`` (a client
+        disconnect, a body over the limit) abort the upload and are raised as they are.
+        """
+        session_uri = await self._start_resumable(bucket, name, size, content_type, if_absent)
+        body = BodyError.watch(chunks)
+        with translate(bucket, name), body.reraise():
+            if size is not None:
+                return await self._put(session_uri, body.iterate(), 0, size, size)
+            return await self._put_pieces(session_uri, body.iterate())
+
+    async def _start_resumable(
+        self, bucket: str, name: str, size: int | None, content_type: str, if_absent: bool
+    ) -> str:
+        url = f"{self.api_root}/upload/storage/v1/b/{quote(bucket, safe='')}/o"
+        params = {"uploadType": "resumable"}
+        if if_absent:
+            params["ifGenerationMatch"] = "0"
+        headers = await self._auth()
+        headers["Content-Type"] = "application/json; charset=UTF-8"
+        headers["X-Upload-Content-Type"] = content_type
+        if size is not None:
+            headers["X-Upload-Content-Length"] = str(size)
+        metadata = json.dumps({"name": name, "contentType": content_type})
+        with translate(bucket, name):
+            async with self.session.post(
+                url, params=params, headers=headers, data=metadata, timeout=self.timeout
+            ) as response:
+                await raise_for_status(response)
+                return response.headers["Location"]
+
+    async def _put(
+        self, session_uri: str, data: Any, start: int, length: int, total: int | None
+    ) -> dict[str, Any]:
+        """Send ``length`` bytes at ``start``; the object's resource once ``total`` is reached,
+        ``{}`` while the upload is incomplete."""
+        headers = await self._auth()
+        end = "*" if total is None else str(total)
+        headers["Content-Length"] = str(length)
+        headers["Content-Range"] = (
+            f"bytes {start}-{start + length - 1}/{end}" if length else f"bytes */{end}"
+        )
+        async with self.session.put(
+            session_uri, data=data, headers=headers, timeout=self.timeout
+        ) as response:
+            if response.status == 308:  # the backend's "resume incomplete"
+                return {}
+            await raise_for_status(response)
+            return cast(dict[str, Any], await response.json(content_type=None))
+
+    async def _put_pieces(self, session_uri: str, chunks: AsyncIterator[bytes]) -> dict[str, Any]:
+        piece = bytearray()
+        sent = 0
+        async for chunk in chunks:
+            piece += chunk
+            while len(piece) >= self.chunk_bytes:
+                data = io.BytesIO(piece[: self.chunk_bytes])
+                await self._put(session_uri, data, sent, self.chunk_bytes, None)
+                sent += self.chunk_bytes
+                del piece[: self.chunk_bytes]
+        total = sent + len(piece)
+        return await self._put(session_uri, io.BytesIO(piece), sent, len(piece), total)
+
+    async def check(self, buckets: tuple[str, ...], project: str) -> None:
+        """Readiness: the first allowed bucket answers (or, with '*' alone, the bucket list)."""
+        named = [bucket for bucket in buckets if bucket != "*"]
+        with translate(named[0] if named else None, None):
+            if named:
+                await self.storage.get_bucket_metadata(named[0], timeout=self._aio_timeout)
+            elif buckets:
+                await self.storage.list_buckets(
+                    project, params={"maxResults": "1"}, timeout=self._aio_timeout
+                )
+
+
+async def create_storage() -> StorageClient:
+    settings = current_settings()
+    session = await HTTP.get()
+    # gcloud-aio's annotations name its sync build's session type; the aiohttp one is right here.
+    shared: Any = session
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "").strip()
+    if host:
+        api_root = host if host.startswith(("http://", "https://")) else f"http://{host}"
+        storage = Storage(session=shared, api_root=api_root, api_is_dev=True, token=None)
+        return StorageClient(storage, session, settings, api_root=api_root, emulator=True)
+    token = Token(session=shared, scopes=SCOPES)
+    storage = Storage(session=shared, token=token, api_root=DEFAULT_API_ROOT, api_is_dev=False)
+    return StorageClient(storage, session, settings, api_root=DEFAULT_API_ROOT, emulator=False)
+
+
+async def close_storage(client: StorageClient) -> None:
+    # Closes nothing of the shared session (gcloud-aio leaves a session it was handed open);
+    # the registry closes the ``http`` client after this one.
+    await client.storage.close()
+
+
+async def check_storage(client: StorageClient) -> None:
+    settings = current_settings()
+    await client.check(settings.buckets, settings.project)
+
+
+STORAGE: ClientSpec[StorageClient] = ClientSpec(
+    "storage", create=create_storage, close=close_storage, check=check_storage
+)
+
+__all__ = ["STORAGE", "StorageClient", "object_metadata"]

@@ -1,0 +1,284 @@
+"""Cloud Storage objects: streamed uploads and downloads, listing and deletion.
+
+* ``PUT /v1/buckets/{bucket}/objects/{name}``: the body becomes the object (``Content-Type`` kept);
+  201 with its metadata. ``If-None-Match: *`` creates only when absent (412 otherwise).
+* ``GET`` on the same path streams the object, honouring ``Range`` (206) and ``If-None-Match``
+  (304); ``HEAD`` answers the headers only; ``DELETE`` answers 204.
+* ``GET /v1/buckets/{bucket}/objects?prefix=&delimiter=&pageToken=&maxResults=``: a page of
+  metadata.
+
+Bodies stream through in chunks both ways, so memory stays flat whatever the object's size; see
+:mod:`service.streaming` for how uploads are read with back-pressure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from typing import Any, cast
+
+import aiohttp
+from quart import Blueprint, Quart, Response, jsonify, request
+from quart.blueprints import BlueprintSetupState
+from quart_schema import document_response
+from werkzeug.http import quote_etag
+from werkzeug.routing import PathConverter
+
+from .. import metrics, streaming
+from ..auth import requires
+from ..clients import get_storage
+from ..clients.storage import object_metadata
+from ..errors import (
+    ErrorResponse,
+    InvalidArgument,
+    PayloadTooLarge,
+    PreconditionFailed,
+    RangeNotSatisfiable,
+    Unavailable,
+    error_body,
+)
+from ..registry import current_settings
+from ..storage_rules import MAX_PAGE_SIZE, check_bucket, check_name, decode_token, page
+
+log = logging.getLogger("loopgate.storage")
+
+blueprint = Blueprint("storage", __name__)
+OBJECT = "/v1/buckets/<bucket>/objects/<object:name>"
+READ_BYTES = 256 * 1024
+
+
+class ObjectNameConverter(PathConverter):
+    """A ``path`` converter that also takes names starting with ``/``."""
+
+    regex = r"[\s\S]+?"
+    part_isolating = False
+
+
+@blueprint.record_once
+def _setup(state: BlueprintSetupState) -> None:
+    state.app.url_map.converters["object"] = ObjectNameConverter
+    streaming.install(cast(Quart, state.app))
+
+
+# -- upload -------------------------------------------------------------------------------------
+
+
+async def _request_chunks(limit: int) -> AsyncIterator[bytes]:
+    stream = streaming.request_stream()
+    source = stream.chunks() if stream is not None else request.body
+    received = 0
+    async for chunk in source:
+        received += len(chunk)
+        if received > limit:
+            raise PayloadTooLarge(f"object larger than {limit} bytes")
+        metrics.STORAGE_BYTES.labels(direction="up").inc(len(chunk))
+        yield chunk
+
+
+@blueprint.put(OBJECT, merge_slashes=False)
+@requires("storage:write", "bucket")
+@document_response(ErrorResponse, 400)
+@document_response(ErrorResponse, 404)
+@document_response(ErrorResponse, 411)
+@document_response(ErrorResponse, 412)
+@document_response(ErrorResponse, 413)
+@document_response(ErrorResponse, 503)
+@streaming.streams_body
+async def put_object(bucket: str, name: str) -> Any:
+    """Create or replace an object from the request body."""
+    check_bucket(bucket)
+    check_name(name)
+    settings = current_settings()
+    length = request.content_length
+    if length is not None and length > settings.max_object_bytes:
+        raise PayloadTooLarge(
+            f"object of {length} bytes is larger than the limit of {settings.max_object_bytes}"
+        )
+    condition = request.if_none_match
+    if condition and not condition.star_tag:
+        raise InvalidArgument("only 'If-None-Match: *' is supported on uploads")
+    if_absent = bool(condition.star_tag)
+    content_type = request.headers.get("Content-Type") or "application/octet-stream"
+    client = await get_storage()
+    # Checked before the body is read: the emulator ignores the precondition that the upload
+    # carries, and a large body need not travel to fail at the end.
+    if if_absent and await client.exists(bucket, name):
+        raise PreconditionFailed(f"object {name!r} already exists in bucket {bucket!r}")
+    chunks = _request_chunks(settings.max_object_bytes)
+    metrics.STORAGE_TRANSFERS.labels(direction="up").inc()
+    try:
+        if length is not None and length <= settings.storage_chunk_bytes:
+            data = b"".join([chunk async for chunk in chunks])
+            resource = await client.upload_small(
+                bucket, name, data, content_type=content_type, if_absent=if_absent
+            )
+        else:
+            resource = await client.upload_stream(
+                bucket, name, chunks, size=length, content_type=content_type, if_absent=if_absent
+            )
+    except streaming.ClientDisconnected:
+        log.info("upload of %s/%s abandoned: the client disconnected", bucket, name)
+        return jsonify(error_body(400, "the client disconnected during the upload")), 400
+    finally:
+        metrics.STORAGE_TRANSFERS.labels(direction="up").dec()
+    metadata = object_metadata(resource)
+    headers = {"ETag": quote_etag(str(metadata["etag"]))} if metadata.get("etag") else {}
+    return metadata, 201, headers
+
+
+# -- download -------------------------------------------------------------------------------------
+
+
+class DownloadBody:
+    """A response body read from the backend's open response, chunk by chunk.
+
+    Closing it (Quart does when the response ends, is cancelled or never starts) releases the
+    backend connection, so a client that goes away leaves nothing open.
+    """
+
+    def __init__(
+        self,
+        context: AbstractAsyncContextManager[aiohttp.ClientResponse],
+        response: aiohttp.ClientResponse,
+    ) -> None:
+        self._context = context
+        self._response = response
+        self._closed = False
+        metrics.STORAGE_TRANSFERS.labels(direction="down").inc()
+
+    def __aiter__(self) -> DownloadBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            chunk = await self._response.content.read(READ_BYTES)
+        except BaseException:
+            await self.aclose()
+            raise
+        if not chunk:
+            await self.aclose()
+            raise StopAsyncIteration
+        metrics.STORAGE_BYTES.labels(direction="down").inc(len(chunk))
+        return chunk
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            metrics.STORAGE_TRANSFERS.labels(direction="down").dec()
+            await self._context.__aexit__(None, None, None)
+
+
+@blueprint.get(OBJECT, merge_slashes=False)
+@requires("storage:read", "bucket")
+@document_response(ErrorResponse, 400)
+@document_response(ErrorResponse, 404)
+@document_response(ErrorResponse, 416)
+@document_response(ErrorResponse, 503)
+async def get_object(bucket: str, name: str) -> Response:
+    """Stream an object (or, for ``HEAD``, its headers)."""
+    check_bucket(bucket)
+    check_name(name)
+    client = await get_storage()
+    meta = await client.metadata(bucket, name)
+    size = int(meta.get("size") or 0)
+    generation = str(meta.get("generation", ""))
+    etag = str(meta.get("etag") or meta.get("md5Hash") or generation)
+    headers = {
+        "ETag": quote_etag(etag),
+        "Accept-Ranges": "bytes",
+        "Content-Type": meta.get("contentType") or "application/octet-stream",
+        "X-Goog-Generation": generation,
+    }
+    if request.if_none_match and request.if_none_match.contains_weak(etag):
+        return Response(b"", 304, headers)
+    status, byte_range = 200, None
+    wanted = request.range
+    # Several ranges or another unit: the Range header is ignored and the whole object sent.
+    if wanted is not None and wanted.units == "bytes" and len(wanted.ranges) == 1 and size:
+        span = wanted.range_for_length(size)
+        if span is None:
+            raise RangeNotSatisfiable(f"range {wanted} is outside the {size} bytes", size=size)
+        status, byte_range = 206, (span[0], span[1] - 1)
+        headers["Content-Range"] = f"bytes {span[0]}-{span[1] - 1}/{size}"
+    length = byte_range[1] - byte_range[0] + 1 if byte_range else size
+    if request.method == "HEAD" or length == 0:
+        response = Response(b"", status, headers)
+        response.content_length = length
+        return response
+    context = client.download(bucket, name, byte_range)
+    backend = await context.__aenter__()
+    body = DownloadBody(context, backend)
+    served = backend.headers.get("x-goog-generation")
+    if served and served != generation:
+        await body.aclose()
+        raise Unavailable(f"object {name!r} changed while being read; try again", retry_after=0)
+    headers["Content-Length"] = str(length)
+    response = Response(body, status, headers)
+    response.timeout = None  # a large object may take longer than Quart's response timeout
+    return response
+
+
+# -- delete and list --------------------------------------------------------------------------
+
+
+@blueprint.delete(OBJECT, merge_slashes=False)
+@requires("storage:write", "bucket")
+@document_response(ErrorResponse, 400)
+@document_response(ErrorResponse, 404)
+@document_response(ErrorResponse, 503)
+async def delete_object(bucket: str, name: str) -> tuple[str, int]:
+    """Delete an object: 204, or 404 when it does not exist."""
+    check_bucket(bucket)
+    check_name(name)
+    client = await get_storage()
+    await client.delete(bucket, name)
+    return "", 204
+
+
+def _page_size() -> int:
+    raw = request.args.get("maxResults", str(MAX_PAGE_SIZE))
+    try:
+        size = int(raw)
+    except ValueError:
+        size = 0
+    if not 1 <= size <= MAX_PAGE_SIZE:
+        raise InvalidArgument(f"maxResults must be an integer from 1 to {MAX_PAGE_SIZE}")
+    return size
+
+
+@blueprint.get("/v1/buckets/<bucket>/objects")
+@requires("storage:read", "bucket")
+@document_response(ErrorResponse, 400)
+@document_response(ErrorResponse, 404)
+@document_response(ErrorResponse, 503)
+async def list_objects(bucket: str) -> dict[str, Any]:
+    """A page of object metadata (and, with a delimiter, of common prefixes) in name order."""
+    check_bucket(bucket)
+    prefix = request.args.get("prefix", "")
+    delimiter = request.args.get("delimiter", "")
+    size = _page_size()
+    token = request.args.get("pageToken")
+    start, skip = decode_token(token) if token else (prefix, None)
+    start = max(start, prefix)
+    params = {"maxResults": str(size + 1)}
+    for key, value in (("prefix", prefix), ("delimiter", delimiter), ("startOffset", start)):
+        if value:
+            params[key] = value
+    client = await get_storage()
+    data = await client.list(bucket, params)
+    items = [object_metadata(item) for item in data.get("items") or []]
+    kept, prefixes, next_token = page(
+        items,
+        list(data.get("prefixes") or []),
+        start=start,
+        skip=skip,
+        size=size,
+        more=bool(data.get("nextPageToken")),
+    )
+    body: dict[str, Any] = {"items": kept, "prefixes": prefixes}
+    if next_token:
+        body["nextPageToken"] = next_token
+    return body

@@ -1,0 +1,195 @@
+"""Request bodies read from the ASGI receive channel as the handler consumes them.
+
+Quart reads every request body into memory as fast as the client sends it, whatever the pace of
+the handler (its receiver task appends each ``http.request`` message to ``request.body``). A
+handler that forwards a large upload elsewhere needs the opposite: read a chunk only when the
+previous one has been passed on, so that the server's own flow control (Hypercorn stops reading
+the socket while its small per-request queue is full) slows the client down instead of memory
+growing.
+
+:class:`StreamingBodies` wraps the app's ASGI callable. For a request whose view is marked with
+:func:`streams_body`, it keeps the receive channel for the handler, reachable as
+:func:`request_stream`, and gives Quart a receive callable that only reports a disconnect; every
+other request is passed through untouched::
+
+    @blueprint.put("/upload")
+    @streams_body
+    async def upload() -> str:
+        async for chunk in request_stream().chunks():
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar, cast
+
+from hypercorn.typing import (
+    ASGIReceiveCallable,
+    ASGIReceiveEvent,
+    ASGISendCallable,
+    ASGISendEvent,
+    Scope,
+)
+from quart import Quart, request
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import RequestRedirect
+
+SCOPE_KEY = "loopgate.request_stream"
+# How long the rest of a body that the handler did not read is received and dropped once the
+# response has ended (a "lingering close"); see _finishing.
+LINGER_SECONDS = 10.0
+_MARK = "_loopgate_streams_body"
+_BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its request body was complete."""
+
+
+def streams_body(view: F) -> F:
+    """Mark a view whose handler reads the request body itself, through :func:`request_stream`."""
+    setattr(view, _MARK, True)
+    return view
+
+
+def request_stream() -> RequestStream | None:
+    """The current request's body stream; ``None`` when the request is not streamed."""
+    stream = request.scope.get(SCOPE_KEY)
+    return cast(RequestStream | None, stream)
+
+
+class RequestStream:
+    """The body of one request, received message by message when the handler asks for it."""
+
+    def __init__(self, receive: ASGIReceiveCallable) -> None:
+        self._receive = receive
+        self._released = asyncio.Event()
+        self._started = False
+        self.complete = False
+        self.disconnected = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Yield the body's chunks as they arrive; iterate once.
+
+        Raises:
+            ClientDisconnected: the client closed the connection before the body's end.
+        """
+        if self._started:
+            raise RuntimeError("a request body can be read only once")
+        self._started = True
+        while not self.complete:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected = True
+                self._released.set()
+                raise ClientDisconnected("the client disconnected during the upload")
+            if message["type"] != "http.request":
+                continue
+            if not message.get("more_body", False):
+                self.complete = True
+                self._released.set()
+            body = message.get("body", b"")
+            if body:
+                yield body
+
+    async def receive_for_app(self) -> ASGIReceiveEvent:
+        """Quart's view of the channel: nothing until the body is read, then the channel itself.
+
+        A disconnect seen while reading the body is reported here too, so that Quart cancels the
+        handler and everything it awaits.
+        """
+        await self._released.wait()
+        if self.disconnected:
+            return {"type": "http.disconnect"}
+        return await self._receive()
+
+    async def discard_rest(self) -> None:
+        """Receive and drop what is left of the body."""
+        while not (self.complete or self.disconnected):
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected = True
+            elif not message.get("more_body", False):
+                self.complete = True
+
+
+class StreamingBodies:
+    """ASGI middleware giving views marked with :func:`streams_body` their raw request body."""
+
+    def __init__(self, app: Quart, asgi_app: Callable[..., Any]) -> None:
+        self.app = app
+        self.asgi_app = asgi_app
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] == "http" and self._streams(scope):
+            stream = RequestStream(receive)
+            scope = cast(Scope, {**scope, SCOPE_KEY: stream})
+            await self.asgi_app(scope, stream.receive_for_app, _finishing(stream, send))
+        else:
+            await self.asgi_app(scope, receive, send)
+
+    def _streams(self, scope: Any) -> bool:
+        method = scope["method"]
+        if method in _BODYLESS:
+            return False
+        adapter = self.app.url_map.bind("localhost", scope.get("root_path", "") or "/")
+        try:
+            endpoint, _ = adapter.match(scope["path"], method=method)
+        except (HTTPException, RequestRedirect):
+            return False
+        view = self.app.view_functions.get(str(endpoint))
+        return bool(getattr(view, _MARK, False))
+
+
+def _finishing(stream: RequestStream, send: ASGISendCallable) -> ASGISendCallable:
+    """``send``, receiving and dropping what is left of an unread body before the response ends.
+
+    A handler that answers without reading the whole body (a refused upload) leaves the rest to
+    come. Closing the connection then would reset it under a client still sending, which may
+    lose the answer; and ending the response with Hypercorn's small receive queue full makes it
+    wait forever to queue a disconnect event, holding the connection and the handler's last
+    ``send`` until the client goes away. So the rest of the body is received and dropped for up
+    to ``LINGER_SECONDS`` (the answer itself is already sent), then the response ends, with the
+    draining going on until Hypercorn has finished with the connection.
+    """
+
+    async def drain_for(seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await stream.discard_rest()
+
+    async def send_and_drain(message: ASGISendEvent) -> None:
+        ending = message["type"] == "http.response.body" and not message.get("more_body", False)
+        if not ending or stream.complete or stream.disconnected:
+            await send(message)
+            return
+        body = cast(bytes, message.get("body", b""))
+        if body:
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+        await drain_for(LINGER_SECONDS)
+        if stream.complete or stream.disconnected:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        drain = asyncio.ensure_future(drain_for(LINGER_SECONDS))
+        try:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await asyncio.shield(drain)
+        finally:
+            drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drain
+
+    return send_and_drain
+
+
+def install(app: Quart) -> None:
+    """Wrap ``app``'s ASGI callable once."""
+    if not isinstance(app.asgi_app, StreamingBodies):
+        app.asgi_app = StreamingBodies(app, app.asgi_app)  # type: ignore[method-assign]
