@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager
 from typing import Any, cast
 
-import aiohttp
-from multidict import CIMultiDictProxy
 from quart import Blueprint, Quart, Response, jsonify, request
 from quart.blueprints import BlueprintSetupState
 from quart_schema import document_response
@@ -29,28 +26,30 @@ from werkzeug.routing import PathConverter
 from .. import metrics, streaming
 from ..auth import requires
 from ..clients import get_storage
-from ..clients.storage import StorageClient, object_metadata
-from ..clients.storage_media import media_info
+from ..clients.storage import object_metadata
 from ..errors import (
     ErrorResponse,
     InvalidArgument,
     PayloadTooLarge,
     PreconditionFailed,
     RangeNotSatisfiable,
-    Unavailable,
     error_body,
 )
 from ..registry import current_settings
+from ..storage_download import (
+    COUNT_BYTES,
+    check_generation,
+    metadata_headers,
+    open_body,
+    streamed,
+    whole_object,
+)
 from ..storage_rules import MAX_PAGE_SIZE, check_bucket, check_name, decode_token, page
 
 log = logging.getLogger("loopgate.storage")
 
 blueprint = Blueprint("storage", __name__)
 OBJECT = "/v1/buckets/<bucket>/objects/<object:name>"
-READ_BYTES = 256 * 1024
-# Transferred bytes are counted in steps of this size: a metric update per chunk (in
-# multiprocess mode, a locked write to a shared file) costs a noticeable part of a chunk's time.
-COUNT_BYTES = 1024 * 1024
 
 
 class ObjectNameConverter(PathConverter):
@@ -141,117 +140,6 @@ async def put_object(bucket: str, name: str) -> Any:
 # -- download -------------------------------------------------------------------------------------
 
 
-class DownloadBody:
-    """A response body read from the backend's open response, chunk by chunk.
-
-    Closing it (Quart does when the response ends, is cancelled or never starts) releases the
-    backend connection, so a client that goes away leaves nothing open.
-    """
-
-    def __init__(
-        self,
-        context: AbstractAsyncContextManager[aiohttp.ClientResponse],
-        response: aiohttp.ClientResponse,
-    ) -> None:
-        self._context = context
-        self._response = response
-        self._closed = False
-        self._sent = self._counted = 0
-        self._counter = metrics.STORAGE_BYTES.labels(direction="down")
-        metrics.STORAGE_TRANSFERS.labels(direction="down").inc()
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        """The backend response's headers."""
-        return self._response.headers
-
-    def __aiter__(self) -> DownloadBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._closed:
-            raise StopAsyncIteration
-        try:
-            chunk = await self._response.content.read(READ_BYTES)
-        except BaseException:
-            await self.aclose()
-            raise
-        if not chunk:
-            await self.aclose()
-            raise StopAsyncIteration
-        self._sent += len(chunk)
-        if self._sent - self._counted >= COUNT_BYTES:
-            self._count()
-        return chunk
-
-    def _count(self) -> None:
-        self._counter.inc(self._sent - self._counted)
-        self._counted = self._sent
-
-    async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._count()
-            metrics.STORAGE_TRANSFERS.labels(direction="down").dec()
-            await self._context.__aexit__(None, None, None)
-
-
-def _metadata_headers(meta: dict[str, Any]) -> tuple[dict[str, str], str, int]:
-    """The response headers, ETag and size of an object's metadata."""
-    generation = str(meta.get("generation", ""))
-    etag = str(meta.get("etag") or meta.get("md5Hash") or generation)
-    headers = {
-        "ETag": quote_etag(etag),
-        "Accept-Ranges": "bytes",
-        "Content-Type": meta.get("contentType") or "application/octet-stream",
-        "X-Goog-Generation": generation,
-    }
-    return headers, etag, int(meta.get("size") or 0)
-
-
-def _streamed(body: DownloadBody, status: int, headers: dict[str, str], length: int) -> Response:
-    headers["Content-Length"] = str(length)
-    response = Response(body, status, headers)
-    response.timeout = None  # a large object may take longer than Quart's response timeout
-    return response
-
-
-async def _open(
-    client: StorageClient, bucket: str, name: str, byte_range: tuple[int, int] | None = None
-) -> DownloadBody:
-    context = client.download(bucket, name, byte_range)
-    return DownloadBody(context, await context.__aenter__())
-
-
-async def _check_generation(body: DownloadBody, generation: str, name: str) -> None:
-    served = body.headers.get("x-goog-generation")
-    if served and served != generation:
-        await body.aclose()
-        raise Unavailable(f"object {name!r} changed while being read; try again", retry_after=0)
-
-
-async def _whole(client: StorageClient, bucket: str, name: str) -> Response:
-    """A plain read: one backend request, described by the media response's own headers."""
-    body = await _open(client, bucket, name)
-    info = media_info(body.headers)
-    if info is None:  # the backend did not say enough: ask for the metadata too
-        try:
-            headers, _, size = _metadata_headers(await client.metadata(bucket, name))
-        except BaseException:
-            await body.aclose()
-            raise
-        await _check_generation(body, headers["X-Goog-Generation"], name)
-        return _streamed(body, 200, headers, size)
-    headers = {
-        "ETag": quote_etag(info.etag),
-        "Accept-Ranges": "bytes",
-        "Content-Type": info.content_type,
-    }
-    if info.generation:
-        headers["X-Goog-Generation"] = info.generation
-    return _streamed(body, 200, headers, info.size)
-
-
 @blueprint.get(OBJECT, merge_slashes=False)
 @requires("storage:read", "bucket")
 @document_response(ErrorResponse, 400)
@@ -264,9 +152,9 @@ async def get_object(bucket: str, name: str) -> Response:
     check_name(name)
     client = await get_storage()
     if request.method == "GET" and "Range" not in request.headers and not request.if_none_match:
-        return await _whole(client, bucket, name)
+        return await whole_object(client, bucket, name)
     # A conditional or ranged read, or HEAD: the object's metadata decides the answer.
-    headers, etag, size = _metadata_headers(await client.metadata(bucket, name))
+    headers, etag, size = metadata_headers(await client.metadata(bucket, name))
     if request.if_none_match and request.if_none_match.contains_weak(etag):
         return Response(b"", 304, headers)
     status, byte_range = 200, None
@@ -283,9 +171,9 @@ async def get_object(bucket: str, name: str) -> Response:
         response = Response(b"", status, headers)
         response.content_length = length
         return response
-    body = await _open(client, bucket, name, byte_range)
-    await _check_generation(body, headers["X-Goog-Generation"], name)
-    return _streamed(body, status, headers, length)
+    body = await open_body(client, bucket, name, byte_range)
+    await check_generation(body, headers["X-Goog-Generation"], name)
+    return streamed(body, status, headers, length)
 
 
 # -- delete and list --------------------------------------------------------------------------
