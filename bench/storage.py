@@ -267,7 +267,8 @@ def main() -> int:
         create_bucket(emulator)
         token = new_token()
         token_file = Path(scratch.name) / "tokens.toml"
-        token_file.write_text(entry_toml("bench", token, [f"storage:read:{BUCKET}", f"storage:write:{BUCKET}"]))
+        scopes = [f"storage:read:{BUCKET}", f"storage:write:{BUCKET}"]
+        token_file.write_text(entry_toml("bench", token, scopes))
         port = free_port()
         server = start_loopgate(emulator, port, token_file)
         assert emulator.process is not None
