@@ -8,7 +8,9 @@ after this one.
 What gcloud-aio-storage does here, and what it cannot:
 
 * metadata, listing, deletion and small uploads go through its public calls;
-* downloads stream through its ``download_stream``, which hands back the open response;
+* downloads stream through its ``download_stream``, which hands back the open response; the
+  media response's own headers (:mod:`.storage_media`) describe the object well enough to serve a
+  plain read, so the object's metadata is fetched only when a read needs more;
 * uploads cannot stream: ``Storage.upload`` takes bytes or a seekable file object (it measures the
   length by seeking and sends the whole stream in one call), so an upload cannot be fed from a
   request body as it arrives. Uploads larger than ``storage_chunk_bytes`` therefore run a resumable

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager
 from typing import Any, cast
 
-import aiohttp
 from quart import Blueprint, Quart, Response, jsonify, request
 from quart.blueprints import BlueprintSetupState
 from quart_schema import document_response
@@ -35,17 +33,23 @@ from ..errors import (
     PayloadTooLarge,
     PreconditionFailed,
     RangeNotSatisfiable,
-    Unavailable,
     error_body,
 )
 from ..registry import current_settings
+from ..storage_download import (
+    COUNT_BYTES,
+    check_generation,
+    metadata_headers,
+    open_body,
+    streamed,
+    whole_object,
+)
 from ..storage_rules import MAX_PAGE_SIZE, check_bucket, check_name, decode_token, page
 
 log = logging.getLogger("loopgate.storage")
 
 blueprint = Blueprint("storage", __name__)
 OBJECT = "/v1/buckets/<bucket>/objects/<object:name>"
-READ_BYTES = 256 * 1024
 
 
 class ObjectNameConverter(PathConverter):
@@ -67,13 +71,19 @@ def _setup(state: BlueprintSetupState) -> None:
 async def _request_chunks(limit: int) -> AsyncIterator[bytes]:
     stream = streaming.request_stream()
     source = stream.chunks() if stream is not None else request.body
-    received = 0
-    async for chunk in source:
-        received += len(chunk)
-        if received > limit:
-            raise PayloadTooLarge(f"object larger than {limit} bytes")
-        metrics.STORAGE_BYTES.labels(direction="up").inc(len(chunk))
-        yield chunk
+    counter = metrics.STORAGE_BYTES.labels(direction="up")
+    accepted = counted = 0
+    try:
+        async for chunk in source:
+            if accepted + len(chunk) > limit:
+                raise PayloadTooLarge(f"object larger than {limit} bytes")
+            accepted += len(chunk)
+            if accepted - counted >= COUNT_BYTES:
+                counter.inc(accepted - counted)
+                counted = accepted
+            yield chunk
+    finally:
+        counter.inc(accepted - counted)
 
 
 @blueprint.put(OBJECT, merge_slashes=False)
@@ -130,47 +140,6 @@ async def put_object(bucket: str, name: str) -> Any:
 # -- download -------------------------------------------------------------------------------------
 
 
-class DownloadBody:
-    """A response body read from the backend's open response, chunk by chunk.
-
-    Closing it (Quart does when the response ends, is cancelled or never starts) releases the
-    backend connection, so a client that goes away leaves nothing open.
-    """
-
-    def __init__(
-        self,
-        context: AbstractAsyncContextManager[aiohttp.ClientResponse],
-        response: aiohttp.ClientResponse,
-    ) -> None:
-        self._context = context
-        self._response = response
-        self._closed = False
-        metrics.STORAGE_TRANSFERS.labels(direction="down").inc()
-
-    def __aiter__(self) -> DownloadBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._closed:
-            raise StopAsyncIteration
-        try:
-            chunk = await self._response.content.read(READ_BYTES)
-        except BaseException:
-            await self.aclose()
-            raise
-        if not chunk:
-            await self.aclose()
-            raise StopAsyncIteration
-        metrics.STORAGE_BYTES.labels(direction="down").inc(len(chunk))
-        return chunk
-
-    async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            metrics.STORAGE_TRANSFERS.labels(direction="down").dec()
-            await self._context.__aexit__(None, None, None)
-
-
 @blueprint.get(OBJECT, merge_slashes=False)
 @requires("storage:read", "bucket")
 @document_response(ErrorResponse, 400)
@@ -182,16 +151,10 @@ async def get_object(bucket: str, name: str) -> Response:
     check_bucket(bucket)
     check_name(name)
     client = await get_storage()
-    meta = await client.metadata(bucket, name)
-    size = int(meta.get("size") or 0)
-    generation = str(meta.get("generation", ""))
-    etag = str(meta.get("etag") or meta.get("md5Hash") or generation)
-    headers = {
-        "ETag": quote_etag(etag),
-        "Accept-Ranges": "bytes",
-        "Content-Type": meta.get("contentType") or "application/octet-stream",
-        "X-Goog-Generation": generation,
-    }
+    if request.method == "GET" and "Range" not in request.headers and not request.if_none_match:
+        return await whole_object(client, bucket, name)
+    # A conditional or ranged read, or HEAD: the object's metadata decides the answer.
+    headers, etag, size = metadata_headers(await client.metadata(bucket, name))
     if request.if_none_match and request.if_none_match.contains_weak(etag):
         return Response(b"", 304, headers)
     status, byte_range = 200, None
@@ -208,17 +171,9 @@ async def get_object(bucket: str, name: str) -> Response:
         response = Response(b"", status, headers)
         response.content_length = length
         return response
-    context = client.download(bucket, name, byte_range)
-    backend = await context.__aenter__()
-    body = DownloadBody(context, backend)
-    served = backend.headers.get("x-goog-generation")
-    if served and served != generation:
-        await body.aclose()
-        raise Unavailable(f"object {name!r} changed while being read; try again", retry_after=0)
-    headers["Content-Length"] = str(length)
-    response = Response(body, status, headers)
-    response.timeout = None  # a large object may take longer than Quart's response timeout
-    return response
+    body = await open_body(client, bucket, name, byte_range)
+    await check_generation(body, headers["X-Goog-Generation"], name)
+    return streamed(body, status, headers, length)
 
 
 # -- delete and list --------------------------------------------------------------------------

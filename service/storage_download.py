@@ -1,0 +1,139 @@
+"""Object downloads: the backend's media response streamed to the client.
+
+A plain read is served from the media response alone (one backend request); conditional and
+ranged reads first fetch the object's metadata, which decides the status and headers.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDictProxy
+from quart import Response
+from werkzeug.http import quote_etag
+
+from . import metrics
+from .clients.storage import StorageClient
+from .clients.storage_media import media_info
+from .errors import Unavailable
+
+READ_BYTES = 256 * 1024
+# Transferred bytes are counted in steps of this size: a metric update per chunk (in
+# multiprocess mode, a locked write to a shared file) costs a noticeable part of a chunk's time.
+COUNT_BYTES = 1024 * 1024
+
+
+class DownloadBody:
+    """A response body read from the backend's open response, chunk by chunk.
+
+    Closing it (Quart does when the response ends, is cancelled or never starts) releases the
+    backend connection, so a client that goes away leaves nothing open.
+    """
+
+    def __init__(
+        self,
+        context: AbstractAsyncContextManager[aiohttp.ClientResponse],
+        response: aiohttp.ClientResponse,
+    ) -> None:
+        self._context = context
+        self._response = response
+        self._closed = False
+        self._sent = self._counted = 0
+        self._counter = metrics.STORAGE_BYTES.labels(direction="down")
+        metrics.STORAGE_TRANSFERS.labels(direction="down").inc()
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        """The backend response's headers."""
+        return self._response.headers
+
+    def __aiter__(self) -> DownloadBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            chunk = await self._response.content.read(READ_BYTES)
+        except BaseException:
+            await self.aclose()
+            raise
+        if not chunk:
+            await self.aclose()
+            raise StopAsyncIteration
+        self._sent += len(chunk)
+        if self._sent - self._counted >= COUNT_BYTES:
+            self._count()
+        return chunk
+
+    def _count(self) -> None:
+        self._counter.inc(self._sent - self._counted)
+        self._counted = self._sent
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._count()
+            metrics.STORAGE_TRANSFERS.labels(direction="down").dec()
+            await self._context.__aexit__(None, None, None)
+
+
+def metadata_headers(meta: dict[str, Any]) -> tuple[dict[str, str], str, int]:
+    """The response headers, ETag and size of an object's metadata."""
+    generation = str(meta.get("generation", ""))
+    etag = str(meta.get("etag") or meta.get("md5Hash") or generation)
+    headers = {
+        "ETag": quote_etag(etag),
+        "Accept-Ranges": "bytes",
+        "Content-Type": meta.get("contentType") or "application/octet-stream",
+        "X-Goog-Generation": generation,
+    }
+    return headers, etag, int(meta.get("size") or 0)
+
+
+def streamed(body: DownloadBody, status: int, headers: dict[str, str], length: int) -> Response:
+    """The response streaming ``body`` (``length`` bytes)."""
+    headers["Content-Length"] = str(length)
+    response = Response(body, status, headers)
+    response.timeout = None  # a large object may take longer than Quart's response timeout
+    return response
+
+
+async def open_body(
+    client: StorageClient, bucket: str, name: str, byte_range: tuple[int, int] | None = None
+) -> DownloadBody:
+    """The object's media (``byte_range`` inclusive), open and unread."""
+    context = client.download(bucket, name, byte_range)
+    return DownloadBody(context, await context.__aenter__())
+
+
+async def check_generation(body: DownloadBody, generation: str, name: str) -> None:
+    """Refuse (503, to be retried) a body of another generation than the metadata described."""
+    served = body.headers.get("x-goog-generation")
+    if served and served != generation:
+        await body.aclose()
+        raise Unavailable(f"object {name!r} changed while being read; try again", retry_after=0)
+
+
+async def whole_object(client: StorageClient, bucket: str, name: str) -> Response:
+    """A plain read: one backend request, described by the media response's own headers."""
+    body = await open_body(client, bucket, name)
+    info = media_info(body.headers)
+    if info is None:  # the backend did not say enough: ask for the metadata too
+        try:
+            headers, _, size = metadata_headers(await client.metadata(bucket, name))
+        except BaseException:
+            await body.aclose()
+            raise
+        await check_generation(body, headers["X-Goog-Generation"], name)
+        return streamed(body, 200, headers, size)
+    headers = {
+        "ETag": quote_etag(info.etag),
+        "Accept-Ranges": "bytes",
+        "Content-Type": info.content_type,
+    }
+    if info.generation:
+        headers["X-Goog-Generation"] = info.generation
+    return streamed(body, 200, headers, info.size)
