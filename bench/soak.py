@@ -243,7 +243,7 @@ def report(tally: Tally, minutes: float, wall: float, machine: str) -> tuple[lis
         f"- result: {'PASS' if flat and fives == 0 and tally.corrupt == 0 else 'FAIL'} "
         f"(run took {wall:.0f} s)",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {commit()}",
-        f"- machine: {machine}",
+        f"- machine: {machine}; load average {os.getloadavg()[0]:.2f} at the end",
     ]
     return lines, flat and fives == 0 and tally.corrupt == 0
 
