@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,6 +65,8 @@ class Loopgate:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout)
+        if self.process.returncode == 0:  # a failed run keeps its log
+            shutil.rmtree(self.log_path.parent, ignore_errors=True)
         return self.process.returncode
 
 
