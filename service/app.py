@@ -21,7 +21,7 @@ from .logs import configure_logging, init_request_ids
 from .openapi import LoopgateOpenAPIProvider
 from .registry import ClientSpec, LoopRegistries, bind_registry
 from .routes import health, publish, storage, stream
-from .shutdown import GATE
+from .shutdown import GATE, HTTPConnection
 
 log = logging.getLogger("loopgate")
 
@@ -42,6 +42,7 @@ def create_app(
     settings = settings if settings is not None else load_settings()
     configure_logging(settings.log_format, settings.log_level)
     app = Quart("loopgate")
+    app.asgi_http_class = HTTPConnection  # request tasks end with their connection
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["QUART_SCHEMA_CONVERT_CASING"] = False
     QuartSchema(

@@ -25,6 +25,10 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
+from quart.asgi import ASGIHTTPConnection
+from quart.utils import cancel_tasks, raise_task_exceptions
+
 from .errors import Unavailable
 from .registry import ClientSpec, current_settings
 
@@ -133,3 +137,30 @@ async def _close_gate(gate: ConnectionGate) -> None:
 GATE: ClientSpec[ConnectionGate] = ClientSpec(
     "connection-gate", create=ConnectionGate.create, close=_close_gate
 )
+
+
+class HTTPConnection(ASGIHTTPConnection):
+    """Quart's HTTP connection, whose request tasks end when the server cancels it.
+
+    Quart runs a request's handler and its body receiver as tasks of their own and waits for the
+    first to finish. When the server cancels that wait (Hypercorn does at its graceful timeout,
+    e.g. for an upload whose client stalls), Quart leaves both tasks running: into the app's
+    shutdown, over clients already closed, answering on a stream already closed. Here they are
+    cancelled with the connection.
+    """
+
+    async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        request = self._create_request_from_scope(send)
+        receiver = asyncio.ensure_future(self.handle_messages(request, receive))
+        handler = asyncio.ensure_future(self.handle_request(request, send))
+        try:
+            done, pending = await asyncio.wait(
+                [handler, receiver], return_when=asyncio.FIRST_COMPLETED
+            )
+        except asyncio.CancelledError:
+            handler.cancel()
+            receiver.cancel()
+            await asyncio.gather(handler, receiver, return_exceptions=True)
+            raise
+        await cancel_tasks(pending)
+        raise_task_exceptions(done)

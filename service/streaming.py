@@ -166,6 +166,10 @@ def _finishing(stream: RequestStream, send: ASGISendCallable) -> ASGISendCallabl
                 await stream.discard_rest()
 
     async def send_and_drain(message: ASGISendEvent) -> None:
+        if stream.disconnected:
+            # The client is gone: nothing reaches it. When Hypercorn's graceful timeout ended the
+            # connection it has already answered and closed the stream, and a send would raise.
+            return
         ending = message["type"] == "http.response.body" and not message.get("more_body", False)
         if not ending or stream.complete or stream.disconnected:
             await send(message)

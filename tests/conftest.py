@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,6 +191,7 @@ def spawn_server(
     workers: int = 1,
     port: int | None = None,
     app: str = "service:create_app()",
+    args: Sequence[str] = (),
 ) -> Server:
     port = port or free_port()
     log_path = tmp_path / f"hypercorn-{port}.log"
@@ -217,6 +218,7 @@ def spawn_server(
                 f"127.0.0.1:{port}",
                 "--workers",
                 str(workers),
+                *args,
                 app,
             ],
             cwd=ROOT,
@@ -255,8 +257,9 @@ def start_server(tmp_path: Path, pubsub_emulator: PubSubEmulator) -> Iterator[Ca
         workers: int = 1,
         wait: str | None = "/healthz",
         app: str = "service:create_app()",
+        args: Sequence[str] = (),
     ) -> Server:
-        server = spawn_server(tmp_path, env, workers=workers, app=app)
+        server = spawn_server(tmp_path, env, workers=workers, app=app, args=args)
         servers.append(server)
         if wait:
             await wait_until_up(server, wait)

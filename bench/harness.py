@@ -1,0 +1,224 @@
+"""Shared pieces of the fault and soak runs: emulators, a loopgate server, /proc sampling and the
+sections of RESULTS.md.
+
+Everything runs on loopback; the server and the emulators are processes this module starts and
+stops by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.dev.emulators import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "RESULTS.md"
+PROJECT = "bench"
+
+
+@dataclass
+class Loopgate:
+    """``hypercorn --config hypercorn.toml`` on a free loopback port (access log off)."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def workers(self) -> list[int]:
+        """PIDs of the worker processes (multiprocessing children running ``spawn_main``)."""
+        pid = self.process.pid
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except FileNotFoundError:
+            return []
+        found = []
+        for child in children:
+            try:
+                if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.append(int(child))
+            except FileNotFoundError:
+                continue
+        return found
+
+    def stop(self, timeout: float = 40.0) -> int:
+        """SIGTERM the master (by PID) and wait; SIGKILL after ``timeout``."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+        if self.process.returncode == 0:  # a failed run keeps its log
+            shutil.rmtree(self.log_path.parent, ignore_errors=True)
+        return self.process.returncode
+
+
+def start_loopgate(env: dict[str, str], *, workers: int = 2, wait: float = 60.0) -> Loopgate:
+    """Start loopgate with ``env`` added to this process's environment (LOOPGATE_* removed) and
+    wait until ``/readyz`` answers 200."""
+    port = free_port()
+    scratch = Path(tempfile.mkdtemp(prefix="loopgate-bench-"))
+    full = {key: value for key, value in os.environ.items() if not key.startswith("LOOPGATE_")}
+    full.update(
+        {
+            "LOOPGATE_PROJECT": PROJECT,
+            "LOOPGATE_TOPICS": "*",
+            "PROMETHEUS_MULTIPROC_DIR": str(scratch / "metrics"),
+        }
+    )
+    full.update(env)
+    os.makedirs(full["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+    log_path = scratch / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hypercorn",
+                "--config",
+                str(ROOT / "hypercorn.toml"),
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                str(workers),
+                "--access-logfile",
+                "/dev/null",
+                "service:create_app()",
+            ],
+            cwd=ROOT,
+            env=full,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = Loopgate(process, port, log_path)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"loopgate exited at start; see {log_path}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/readyz", timeout=2) as response:
+                if response.status == 200 and len(server.workers()) == workers:
+                    return server
+        except OSError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"loopgate was not ready within {wait:g}s; see {log_path}")
+
+
+def create_bucket(url: str, name: str) -> None:
+    """Create a bucket in the storage emulator at ``url``."""
+    request = urllib.request.Request(
+        f"{url}/storage/v1/b?project={PROJECT}",
+        data=json.dumps({"name": name}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10):
+        pass
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of ``pid`` (VmRSS, KiB); 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+def open_fds(pid: int) -> int:
+    """Open file descriptors of ``pid``; 0 once it is gone."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except FileNotFoundError:
+        return 0
+
+
+def conditions() -> str:
+    """The machine: cores, CPU model, load average now, Python version."""
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown",
+    )
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), load average {load} (1, 5, 15 min) at the start; "
+        f"Python {platform.python_version()}; server, emulators and load client on the same machine"
+    )
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_section(title: str, lines: list[str]) -> None:
+    """Replace (or append) the ``## title`` section of RESULTS.md, keeping the others."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    heading = f"## {title}\n"
+    section = heading + "\n" + "\n".join(lines).rstrip("\n") + "\n"
+    start = text.find(heading)
+    if start == -1:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + ("" if end == -1 else text[end:])
+    RESULTS.write_text(text)
+
+
+def create_topics(host: str, topics: tuple[str, ...], subscription: str | None = None) -> None:
+    """Create ``topics`` on the Pub/Sub emulator at ``host`` and, when named, a subscription to
+    the first one (``subscription`` is its short name)."""
+    import grpc
+    from google.pubsub_v1 import PublisherClient, SubscriberClient
+    from google.pubsub_v1.services.publisher.transports.grpc import PublisherGrpcTransport
+    from google.pubsub_v1.services.subscriber.transports.grpc import SubscriberGrpcTransport
+
+    channel = grpc.insecure_channel(host)
+    try:
+        publisher = PublisherClient(transport=PublisherGrpcTransport(channel=channel))
+        for topic in topics:
+            publisher.create_topic(name=f"projects/{PROJECT}/topics/{topic}")
+        if subscription:
+            subscriber = SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
+            subscriber.create_subscription(
+                name=f"projects/{PROJECT}/subscriptions/{subscription}",
+                topic=f"projects/{PROJECT}/topics/{topics[0]}",
+                ack_deadline_seconds=60,
+            )
+    finally:
+        channel.close()

@@ -1,0 +1,63 @@
+"""The HTTP connection class: a request's tasks end when the server cancels the connection."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from conftest import WAIT, make_settings
+from quart import Quart
+
+from service import create_app
+from service.shutdown import HTTPConnection
+
+
+def test_the_app_uses_it() -> None:
+    assert create_app(make_settings()).asgi_http_class is HTTPConnection
+
+
+async def test_cancelling_the_connection_cancels_its_handler() -> None:
+    app = Quart(__name__)
+    app.asgi_http_class = HTTPConnection
+    started, ended = asyncio.Event(), asyncio.Event()
+
+    @app.get("/slow")
+    async def slow() -> str:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            ended.set()
+        return "never"
+
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/slow",
+        "raw_path": b"/slow",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"test")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+        "extensions": {},
+    }
+    idle = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await idle.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        raise AssertionError(f"nothing is sent: {message}")
+
+    async with app.test_app():
+        connection = asyncio.ensure_future(app(scope, receive, send))  # type: ignore[arg-type]
+        await asyncio.wait_for(started.wait(), WAIT)
+        connection.cancel()
+        await asyncio.wait_for(asyncio.gather(connection, return_exceptions=True), WAIT)
+        # The handler ended with the connection, not later.
+        assert ended.is_set()
