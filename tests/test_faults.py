@@ -178,7 +178,7 @@ async def test_pubsub_killed_mid_traffic_answers_503_then_recovers(
 
 # -- SIGTERM with uploads, websockets and SSE in flight ----------------------------------------
 
-GRACEFUL = 4  # seconds: Hypercorn's graceful timeout for this server (hypercorn.toml has 20)
+GRACEFUL = 10  # seconds: Hypercorn's graceful timeout for this server (hypercorn.toml has 20)
 
 
 async def trickle(
