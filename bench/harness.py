@@ -11,9 +11,7 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -22,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.dev.emulators import free_port
+from service.dev.servers import hypercorn_command, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -58,13 +57,7 @@ class Loopgate:
 
     def stop(self, timeout: float = 40.0) -> int:
         """SIGTERM the master (by PID) and wait; SIGKILL after ``timeout``."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
+        stop_process(self.process, timeout)
         if self.process.returncode == 0:  # a failed run keeps its log
             shutil.rmtree(self.log_path.parent, ignore_errors=True)
         return self.process.returncode
@@ -88,20 +81,11 @@ def start_loopgate(env: dict[str, str], *, workers: int = 2, wait: float = 60.0)
     log_path = scratch / "server.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "hypercorn",
-                "--config",
-                str(ROOT / "hypercorn.toml"),
-                "--bind",
+            hypercorn_command(
                 f"127.0.0.1:{port}",
-                "--workers",
-                str(workers),
-                "--access-logfile",
-                "/dev/null",
-                "service:create_app()",
-            ],
+                workers=workers,
+                extra=["--access-logfile", "/dev/null"],
+            ),
             cwd=ROOT,
             env=full,
             stdin=subprocess.DEVNULL,

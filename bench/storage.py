@@ -14,7 +14,6 @@ import io
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,9 @@ from gcloud.aio.storage import Storage
 
 from service.auth_tokens import entry_toml, new_token
 from service.dev.emulators import StorageEmulator, free_port
+from service.dev.servers import hypercorn_command, stop_process
+
+from .harness import commit, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -80,20 +82,9 @@ def start_loopgate(
         LOOPGATE_AUTH_FILE=str(token_file),
         STORAGE_EMULATOR_HOST=emulator.url,
     )
-    command = [
-        sys.executable,
-        "-m",
-        "hypercorn",
-        "--config",
-        str(ROOT / "hypercorn.toml"),
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--workers",
-        "1",
-        "--access-logfile",
-        "/dev/null",
-        "service:create_app()",
-    ]
+    command = hypercorn_command(
+        f"127.0.0.1:{port}", workers=1, extra=["--access-logfile", "/dev/null"]
+    )
     process = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -229,31 +220,6 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def write_section(lines: list[str]) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = "\n".join(["## Storage", "", *lines]) + "\n"
-    start = text.find("## Storage")
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + ("" if end == -1 else text[end:])
-    RESULTS.write_text(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
@@ -287,13 +253,8 @@ def main() -> int:
         used = {pid: cpu_seconds(pid) - before for pid, before in cpu_before.items()}
         others = max(0.0, busy - sum(used.values())) / wall
     finally:
-        if server is not None and server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+        if server is not None:
+            stop_process(server)
         emulator.stop()
         scratch.cleanup()
 
@@ -319,7 +280,7 @@ def main() -> int:
     ]
     print("\n".join(lines))
     if not args.no_write:
-        write_section(lines)
+        write_section("Storage", lines)
         print(f"\nwritten to {RESULTS.relative_to(ROOT)}")
     return 0
 

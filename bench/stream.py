@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import threading
@@ -30,6 +29,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from service.dev.servers import hypercorn_command, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "loopgate-bench"
@@ -65,24 +66,19 @@ def start_server(mode: str, rate: float, log: Path) -> tuple[subprocess.Popen[by
     os.makedirs(env["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
     with open(log, "ab") as out:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "hypercorn",
-                "--config",
-                str(ROOT / "hypercorn.toml"),
-                "--bind",
+            hypercorn_command(
                 f"127.0.0.1:{port}",
-                "--workers",
-                "1",
-                "--backlog",
-                "8192",
-                "--error-logfile",
-                "-",
-                "--access-logfile",
-                "/dev/null",
-                APPS[mode],
-            ],
+                workers=1,
+                app=APPS[mode],
+                extra=[
+                    "--backlog",
+                    "8192",
+                    "--error-logfile",
+                    "-",
+                    "--access-logfile",
+                    "/dev/null",
+                ],
+            ),
             cwd=ROOT,
             env=env,
             stdout=out,
@@ -100,12 +96,7 @@ def start_server(mode: str, rate: float, log: Path) -> tuple[subprocess.Popen[by
 
 
 def stop_server(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(40)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    stop_process(process, timeout=40)
 
 
 def worker_pid(master: int) -> int:

@@ -14,7 +14,6 @@ for _key in [key for key in os.environ if key.startswith("LOOPGATE_")]:
 import asyncio
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -33,6 +32,7 @@ from quart.typing import TestClientProtocol
 from service import create_app, load_settings
 from service.config import Settings
 from service.dev.emulators import PubSubEmulator, free_port
+from service.dev.servers import hypercorn_command
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "loopgate-test"
@@ -208,19 +208,7 @@ def spawn_server(
     full_env.update(env or {})
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "hypercorn",
-                "--config",
-                str(ROOT / "hypercorn.toml"),
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                str(workers),
-                *args,
-                app,
-            ],
+            hypercorn_command(f"127.0.0.1:{port}", workers=workers, app=app, extra=args),
             cwd=ROOT,
             env=full_env,
             stdout=log,

@@ -30,8 +30,8 @@ from google.cloud import pubsub_v1
 
 from ..auth_tokens import entry_toml, new_token
 from .emulators import EmulatorError, PubSubEmulator, StorageEmulator
+from .servers import ROOT, hypercorn_command, stop_process
 
-ROOT = Path(__file__).resolve().parents[2]
 DEMO_TOPIC = "demo"
 DEMO_BUCKET = "demo"  # created in the storage emulator and allowed unless LOOPGATE_BUCKETS is set
 DEFAULT_PROJECT = "loopgate-local"
@@ -134,18 +134,8 @@ def main() -> int:
         create_topics(env["LOOPGATE_PROJECT"], topics)
         create_bucket(storage.url, env["LOOPGATE_PROJECT"], DEMO_BUCKET)
 
-        command = [
-            sys.executable,
-            "-m",
-            "hypercorn",
-            "--config",
-            str(ROOT / "hypercorn.toml"),
-            "--bind",
-            f"127.0.0.1:{port}",
-        ]
-        if os.environ.get("WORKERS"):
-            command += ["--workers", os.environ["WORKERS"]]
-        command.append("service:create_app()")
+        workers = int(os.environ["WORKERS"]) if os.environ.get("WORKERS") else None
+        command = hypercorn_command(f"127.0.0.1:{port}", workers=workers)
         hypercorn = subprocess.Popen(command, env=env, cwd=ROOT, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/healthz", 60, hypercorn)
@@ -178,13 +168,8 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
-        if hypercorn is not None and hypercorn.poll() is None:
-            hypercorn.send_signal(signal.SIGTERM)
-            try:
-                hypercorn.wait(60)
-            except subprocess.TimeoutExpired:
-                hypercorn.kill()
-                hypercorn.wait()
+        if hypercorn is not None:
+            stop_process(hypercorn, timeout=60)
         storage.stop()
         pubsub.stop()
         print("stopped.", flush=True)
