@@ -13,7 +13,7 @@ Messages are published straight to the emulator from this process, so the server
 The load client is Node.js ``ws`` (bench/stream_client.js; ``npm install`` in bench/ first).
 Also measures the worker's memory per idle connection. Everything runs on loopback and stops by itself.
 
-    python -m bench.stream [--deliveries 50000] [--measure 8] [--write bench/RESULTS.md]
+    python -m bench.stream [--deliveries 50000] [--measure 8] [--write]
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from service.dev.servers import hypercorn_command, stop_process
+
+from .harness import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "loopgate-bench"
@@ -57,6 +59,7 @@ def start_server(mode: str, rate: float, log: Path) -> tuple[subprocess.Popen[by
         {
             "LOOPGATE_PROJECT": PROJECT,
             "LOOPGATE_TOPICS": TOPIC,
+            "LOOPGATE_AUTH": "disabled",  # the naive and ceiling servers have no auth either
             "LOOPGATE_STREAM_MAX_CONNECTIONS": "20000",
             "BENCH_TOPIC": TOPIC,
             "BENCH_RATE": str(rate),
@@ -275,7 +278,9 @@ def main() -> int:
     parser.add_argument("--measure", type=float, default=8.0)
     parser.add_argument("--clients", default="100,1000,5000")
     parser.add_argument("--naive-all", action="store_true")
-    parser.add_argument("--write", type=Path)
+    parser.add_argument(
+        "--write", action="store_true", help="replace the Streams section of bench/RESULTS.md"
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from service.dev.emulators import PubSubEmulator
@@ -310,7 +315,14 @@ def main() -> int:
     )
     print(report)
     if args.write:
-        args.write.with_suffix(".stream.md").write_text(report)
+        write_section(
+            "Streams",
+            [
+                f"`python -m bench.stream --measure {args.measure:g} --write`",
+                "",
+                *report.splitlines(),
+            ],
+        )
     return 0
 
 
