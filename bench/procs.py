@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from service.dev.servers import stop_process
+
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -132,13 +134,7 @@ class Server:
         process, self.process = self.process, None
         if process is not None:
             pids = descendants(process.pid) if process.poll() is None else self.pids
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout)
+            stop_process(process, timeout)
             deadline = time.monotonic() + 5
             for pid in pids:
                 if pid == process.pid:
