@@ -132,18 +132,16 @@ class QueueConsumer:
     async def aclose(self) -> None:
         """Stop pulling and nack everything held or not yet sent."""
         self.close(CLOSE_GOING_AWAY, "connection closed")
-        # Stop the stream first: a nack sent while it is open would have the message redelivered
-        # to this same stream, leased again and lost to the other consumers until its deadline.
-        never_handed = await self.pull.stop()
-        await asyncio.sleep(0)  # hand-overs the stream's thread posted before it stopped
-        ack_ids = [
-            *self._held,
-            *(m.ack_id for m in (*self._incoming, *self._late, *never_handed)),
-        ]
+        held = list(self._held)
         self._held.clear()
+        await self._nack(held)
+        await self.pull.stop()
+        # Whatever reached this connection while it closed, and the held ones again in case the
+        # closing stream extended their lease after the first nack.
+        late = [m.ack_id for m in (*self._incoming, *self._late)]
         self._incoming.clear()
         self._late.clear()
-        await self._nack(ack_ids)
+        await self._nack(held + late)
 
     async def _nack(self, ack_ids: list[str]) -> None:
         for start in range(0, len(ack_ids), 1000):

@@ -134,23 +134,17 @@ class StreamingPull:
             # Cancelling joins the client's threads: off the loop.
             await asyncio.to_thread(_stop, future)
 
-    async def stop(self) -> list[Message]:
-        """Stop the stream and its supervisor.
-
-        Returns the messages received but never handed over (they are nacked here too; a caller
-        that must see them back at once nacks their ``ack_id`` itself, as the client's own nack
-        is dropped once its stream is closed). Nothing is delivered after this returns.
-        """
+    async def stop(self) -> None:
+        """Stop the stream and its supervisor; messages not yet acked are redelivered."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        await self._cancel_future()  # joins the client's threads: no callback runs after this
         with self._lock:
             batch, self._pending = self._pending, []
         for message in batch:
             message.nack()
-        return batch
+        await self._cancel_future()
 
 
 def _stop(future: Any) -> None:
