@@ -27,7 +27,17 @@ from service.dev.run import create_topics
 
 from .load import run_wrk
 from .procs import Server, cpu_seconds
-from .publish import LABELS, PROJECT, ROOT, SETUPS, TOPIC, URL_PATH, body, server_command
+from .publish import (
+    LABELS,
+    PROJECT,
+    ROOT,
+    SETUPS,
+    TOPIC,
+    URL_PATH,
+    body,
+    server_command,
+    server_env,
+)
 
 # (layer, pattern on a frame's file); the first layer found from the innermost frame outwards wins.
 LAYERS = [
@@ -160,15 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         assert emulator.process is not None
         os.environ["PUBSUB_EMULATOR_HOST"] = emulator.host
         create_topics(PROJECT, [TOPIC])
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("LOOPGATE_")},
-            "PYTHONPATH": str(ROOT),
-            "BENCH_PROJECT": PROJECT,
-            "LOOPGATE_PROJECT": PROJECT,
-            "LOOPGATE_TOPICS": TOPIC,
-            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-            "LOOPGATE_AUTH": "disabled",
-        }
+        env = server_env(metrics_dir)
         port = free_port()
         command = server_command(args.setup, port, args.workers, args.threads, scratch)
         server = Server(

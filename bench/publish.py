@@ -48,6 +48,19 @@ def body(messages: int) -> bytes:
     return f'{{"messages":[{items}]}}'.encode()
 
 
+def server_env(metrics_dir: Path) -> dict[str, str]:
+    """The environment every publish setup runs with (the emulator's host already set)."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LOOPGATE_")},
+        "PYTHONPATH": str(ROOT),
+        "BENCH_PROJECT": PROJECT,
+        "LOOPGATE_PROJECT": PROJECT,
+        "LOOPGATE_AUTH": "disabled",  # the peers have no auth either
+        "LOOPGATE_TOPICS": TOPIC,
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    }
+
+
 def server_command(key: str, port: int, workers: int, threads: int, scratch: Path) -> list[str]:
     bind = f"127.0.0.1:{port}"
     if key.startswith("flask"):
@@ -132,15 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         assert emulator.process is not None
         os.environ["PUBSUB_EMULATOR_HOST"] = emulator.host
         create_topics(PROJECT, [TOPIC])
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("LOOPGATE_")},
-            "PYTHONPATH": str(ROOT),
-            "BENCH_PROJECT": PROJECT,
-            "LOOPGATE_PROJECT": PROJECT,
-            "LOOPGATE_AUTH": "disabled",  # the peers have no auth either
-            "LOOPGATE_TOPICS": TOPIC,
-            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-        }
+        env = server_env(metrics_dir)
         for key in args.setups:
             port = free_port()
             servers[key] = Server(
