@@ -15,9 +15,9 @@ import contextvars
 import datetime
 import json
 import logging
+import os
 import re
 import sys
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -117,7 +117,7 @@ def configure_logging(fmt: str = "json", level: str = "INFO") -> None:
 def _incoming_id() -> str:
     headers = websocket.headers if has_websocket_context() else request.headers
     value = headers.get(REQUEST_ID_HEADER, "")
-    return value if _SANE_ID.fullmatch(value) else uuid.uuid4().hex
+    return value if _SANE_ID.fullmatch(value) else os.urandom(16).hex()
 
 
 def current_request_id() -> str | None:

@@ -124,6 +124,7 @@ class StreamingBodies:
     def __init__(self, app: Quart, asgi_app: Callable[..., Any]) -> None:
         self.app = app
         self.asgi_app = asgi_app
+        self._methods: frozenset[str] | None = None
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -137,8 +138,8 @@ class StreamingBodies:
 
     def _streams(self, scope: Any) -> bool:
         method = scope["method"]
-        if method in _BODYLESS:
-            return False
+        if method not in self._streamed_methods():
+            return False  # most requests stop here, without a second routing of their path
         adapter = self.app.url_map.bind("localhost", scope.get("root_path", "") or "/")
         try:
             endpoint, _ = adapter.match(scope["path"], method=method)
@@ -146,6 +147,16 @@ class StreamingBodies:
             return False
         view = self.app.view_functions.get(str(endpoint))
         return bool(getattr(view, _MARK, False))
+
+    def _streamed_methods(self) -> frozenset[str]:
+        """The methods of the marked views' routes (the routes are all known once serving)."""
+        if self._methods is None:
+            methods: set[str] = set()
+            for rule in self.app.url_map.iter_rules():
+                if getattr(self.app.view_functions.get(rule.endpoint), _MARK, False):
+                    methods.update(rule.methods or ())
+            self._methods = frozenset(methods - _BODYLESS)
+        return self._methods
 
 
 def _finishing(stream: RequestStream, send: ASGISendCallable) -> ASGISendCallable:

@@ -220,3 +220,27 @@ async def test_publisher_refuses_a_foreign_loop(publisher: Publisher, topic: Top
 
     with pytest.raises(ForeignLoopError, match="'publisher'"):
         run_in_thread(publish_elsewhere)
+
+
+async def test_one_request_of_mixed_keys_splits_by_key_count_and_bytes(
+    pubsub_emulator: Any, topic: Topic
+) -> None:
+    registry, publisher = await publisher_with(
+        pubsub_emulator, publish_max_messages=3, publish_max_bytes=1024, publish_max_latency=1.0
+    )
+    spy = CountingClient(publisher.client)
+    publisher._client = spy  # type: ignore[assignment]
+    keys = ["", "", "a", "a", "", "b", "a", "a", "a", "a", "", "", "", "", "big", "big", ""]
+    messages = [
+        RAW_MESSAGE(data=(b"%d" % i) * (300 if key == "big" else 1), ordering_key=key)
+        for i, key in enumerate(keys)
+    ]
+    ids = await asyncio.wait_for(publisher.publish(path(topic), messages), timeout=30)
+    assert len(set(ids)) == len(keys)
+    by_id = {m.message_id: (m.data, m.ordering_key) for m in topic.received(len(keys))}
+    assert [by_id[message_id] for message_id in ids] == [(m.data, m.ordering_key) for m in messages]
+    # No call exceeds the count limit; the key changes and the limits decide the splits.
+    assert sum(spy.calls) == len(keys) and max(spy.calls) <= 3
+    assert spy.calls.count(1) >= 3  # "b" alone, and the two "big" ones apart (2 x 600 > 1,024 B)
+    assert publisher.pending_messages == 0
+    await registry.aclose()

@@ -29,7 +29,7 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.api_core.retry import AsyncRetry, if_exception_type
 from google.pubsub_v1 import PublisherAsyncClient
-from google.pubsub_v1.types import PublishRequest, PubsubMessage
+from google.pubsub_v1.types import PublishRequest, PublishResponse, PubsubMessage
 
 from .. import metrics
 from ..errors import (
@@ -45,6 +45,7 @@ log = logging.getLogger("loopgate.publisher")
 RawMessage = Any  # google.pubsub.v1.PubsubMessage, the raw protobuf class
 RAW_MESSAGE: Any = PubsubMessage.pb()
 RAW_REQUEST: Any = PublishRequest.pb()
+RAW_RESPONSE_OF: Any = PublishResponse.pb  # the protobuf inside a proto-plus response
 
 # Batches of one (topic, ordering key) in flight at once before new ones wait for an answer.
 MAX_CONCURRENT_BATCHES = 4
@@ -79,9 +80,10 @@ class _Request:
         self.ids: list[str] = [""] * count
         self.remaining = count
 
-    def resolve(self, index: int, message_id: str) -> None:
-        self.ids[index] = message_id
-        self.remaining -= 1
+    def resolve(self, start: int, message_ids: Sequence[str]) -> None:
+        """Take the ids of this caller's messages ``start``, ``start + 1``, ..."""
+        self.ids[start : start + len(message_ids)] = message_ids
+        self.remaining -= len(message_ids)
         if self.remaining == 0 and not self.future.done():
             self.future.set_result(self.ids)
 
@@ -95,7 +97,8 @@ class _Batch:
     topic: str
     ordering_key: str
     messages: list[RawMessage] = field(default_factory=list)
-    owners: list[tuple[_Request, int]] = field(default_factory=list)
+    # (caller, index of its first message, count): each caller's run of messages in this batch
+    owners: list[tuple[_Request, int, int]] = field(default_factory=list)
     size: int = 0
     timer: asyncio.Handle | None = None
 
@@ -161,26 +164,38 @@ class Publisher:
         self._pending_bytes += total
         metrics.PUBLISH_PENDING.inc(len(messages))
         request = _Request(self._loop, len(messages))
-        for index, (message, size) in enumerate(zip(messages, sizes, strict=True)):
-            self._add(topic, message, size, request, index)
+        start = 0
+        while start < len(messages):
+            start = self._add(topic, messages, sizes, request, start)
         started = time.perf_counter()
         ids = await request.future
         metrics.PUBLISH_LATENCY.observe(time.perf_counter() - started)
         return ids
 
     def _add(
-        self, topic: str, message: RawMessage, size: int, request: _Request, index: int
-    ) -> None:
-        key = (topic, message.ordering_key)
+        self,
+        topic: str,
+        messages: Sequence[RawMessage],
+        sizes: list[int],
+        request: _Request,
+        start: int,
+    ) -> int:
+        """Add the run of ``messages`` from ``start`` that goes into one batch; returns its end.
+
+        A run ends at a change of ordering key or when the batch is full.
+        """
+        ordering_key = messages[start].ordering_key
+        key = (topic, ordering_key)
         batch = self._open.get(key)
         settings = self._settings
         if batch is not None and (
-            len(batch.messages) >= settings.max_messages or batch.size + size > settings.max_bytes
+            len(batch.messages) >= settings.max_messages
+            or batch.size + sizes[start] > settings.max_bytes
         ):
             self._seal(key)
             batch = None
         if batch is None:
-            batch = _Batch(topic, message.ordering_key)
+            batch = _Batch(topic, ordering_key)
             self._open[key] = batch
             if not self._busy.get(key) or settings.max_latency == 0:
                 # Nothing of this key in flight: send at the next loop turn, together with
@@ -188,11 +203,21 @@ class Publisher:
                 batch.timer = self._loop.call_soon(self._seal, key)
             else:
                 batch.timer = self._loop.call_later(settings.max_latency, self._on_timer, key)
-        batch.messages.append(message)
-        batch.owners.append((request, index))
-        batch.size += size
-        if len(batch.messages) >= settings.max_messages or batch.size >= settings.max_bytes:
+        room = settings.max_messages - len(batch.messages)
+        size = batch.size + sizes[start]  # the first message always goes in, however large
+        end = start + 1
+        limit = min(len(messages), start + room)
+        while end < limit and messages[end].ordering_key == ordering_key:
+            if size + sizes[end] > settings.max_bytes:
+                break
+            size += sizes[end]
+            end += 1
+        batch.messages.extend(messages[start:end])
+        batch.owners.append((request, start, end - start))
+        batch.size = size
+        if len(batch.messages) >= settings.max_messages or size >= settings.max_bytes:
             self._seal(key)
+        return end
 
     def _on_timer(self, key: tuple[str, str]) -> None:
         # At the concurrency cap the batch waits for the next answer of its key instead (see
@@ -235,7 +260,7 @@ class Publisher:
         batch = self._open.pop(key)
         if batch.timer is not None:
             batch.timer.cancel()
-        for owner, _ in batch.owners:
+        for owner, _, _ in batch.owners:
             owner.fail(error)
         self._release(batch)
 
@@ -274,21 +299,23 @@ class Publisher:
                     "pubsub",
                     f"publish did not succeed within {self._settings.timeout:g}s: {cause}",
                 ) from exc
-            ids = list(response.message_ids)
-            if len(ids) != len(batch.owners):
+            ids = list(RAW_RESPONSE_OF(response).message_ids)
+            if len(ids) != len(batch.messages):
                 raise BackendError("pubsub", "publish answered a wrong number of message ids")
             metrics.PUBLISH_BATCH_SIZE.observe(len(ids))
             metrics.PUBLISH_MESSAGES.inc(len(ids))
-            for (owner, index), message_id in zip(batch.owners, ids, strict=True):
-                owner.resolve(index, message_id)
+            offset = 0
+            for owner, start, count in batch.owners:
+                owner.resolve(start, ids[offset : offset + count])
+                offset += count
             return True
         except Exception as exc:
-            for owner, _ in batch.owners:
+            for owner, _, _ in batch.owners:
                 owner.fail(exc)
             return False
         except BaseException:
             error = ClientUnavailable("publisher", "publishing was cancelled by shutdown")
-            for owner, _ in batch.owners:
+            for owner, _, _ in batch.owners:
                 owner.fail(error)
             raise
         finally:

@@ -7,15 +7,18 @@ through loopgate by pointing its API root here.
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import binascii
+import json
 import re
+from binascii import a2b_base64
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from quart import Blueprint, Response, jsonify, request
+from quart import Blueprint, Response, request
 from quart_schema import document_request, document_response
+from werkzeug.exceptions import RequestTimeout
 
 from .. import metrics
 from ..auth import requires
@@ -67,42 +70,52 @@ def to_raw_messages(body: PublishRequest) -> list[Any]:
     Raises:
         InvalidArgument: naming the first bad field, as ``messages.<i>.<field>``.
     """
-    raw = []
+    raw: list[Any] = []
+    append = raw.append
     for index, message in enumerate(body.messages):
+        encoded = message.data
         data = b""
-        if message.data:
+        if encoded:
             try:
-                data = base64.b64decode(message.data, validate=True)
+                # What base64.b64decode(validate=True) does, without its checks of the argument.
+                data = a2b_base64(encoded, strict_mode=True)
             except (binascii.Error, ValueError):
                 raise _invalid(index, "data", "not valid base64") from None
         attributes = message.attributes
-        if attributes:
-            for key, value in attributes.items():
-                if not key:
-                    raise _invalid(index, "attributes", "keys must not be empty")
-                if len(key.encode()) > MAX_ATTRIBUTE_KEY_BYTES:
-                    raise _invalid(
-                        index, "attributes", f"key longer than {MAX_ATTRIBUTE_KEY_BYTES} bytes"
-                    )
-                if key.startswith("goog"):
-                    raise _invalid(index, "attributes", "keys starting with 'goog' are reserved")
-                if len(value.encode()) > MAX_ATTRIBUTE_VALUE_BYTES:
-                    raise _invalid(
-                        index,
-                        f"attributes.{key[:40]}",
-                        f"value longer than {MAX_ATTRIBUTE_VALUE_BYTES} bytes",
-                    )
-        elif not data:
-            raise _invalid(index, None, "a message needs non-empty data or at least one attribute")
         pb = RAW_MESSAGE(data=data)
         if attributes:
+            _check_attributes(index, attributes)
             pb.attributes.update(attributes)
-        if message.orderingKey:
-            if len(message.orderingKey.encode()) > MAX_ORDERING_KEY_BYTES:
+        elif not data:
+            raise _invalid(index, None, "a message needs non-empty data or at least one attribute")
+        ordering_key = message.orderingKey
+        if ordering_key:
+            if _utf8_longer(ordering_key, MAX_ORDERING_KEY_BYTES):
                 raise _invalid(index, "orderingKey", f"longer than {MAX_ORDERING_KEY_BYTES} bytes")
-            pb.ordering_key = message.orderingKey
-        raw.append(pb)
+            pb.ordering_key = ordering_key
+        append(pb)
     return raw
+
+
+def _check_attributes(index: int, attributes: dict[str, str]) -> None:
+    for key, value in attributes.items():
+        if not key:
+            raise _invalid(index, "attributes", "keys must not be empty")
+        if _utf8_longer(key, MAX_ATTRIBUTE_KEY_BYTES):
+            raise _invalid(index, "attributes", f"key longer than {MAX_ATTRIBUTE_KEY_BYTES} bytes")
+        if key.startswith("goog"):
+            raise _invalid(index, "attributes", "keys starting with 'goog' are reserved")
+        if _utf8_longer(value, MAX_ATTRIBUTE_VALUE_BYTES):
+            raise _invalid(
+                index,
+                f"attributes.{key[:40]}",
+                f"value longer than {MAX_ATTRIBUTE_VALUE_BYTES} bytes",
+            )
+
+
+def _utf8_longer(text: str, limit: int) -> bool:
+    """Whether ``text`` takes more than ``limit`` bytes in UTF-8 (at most 4 per character)."""
+    return len(text) * 4 > limit and len(text.encode()) > limit
 
 
 def _invalid(index: int, field: str | None, problem: str) -> InvalidArgument:
@@ -136,11 +149,25 @@ def check_topic(topic: str) -> None:
 _OK = metrics.PUBLISH_REQUESTS.labels(outcome="ok")
 
 
+async def _body() -> bytes:
+    """The request's body, within Quart's body timeout.
+
+    The same as ``request.get_data()`` without the task that ``asyncio.wait_for`` starts for
+    every call: this is the hottest path of the service.
+    """
+    try:
+        async with asyncio.timeout(request.body_timeout):
+            data: bytes = await request.body
+    except TimeoutError:
+        raise RequestTimeout() from None
+    return data
+
+
 async def _publish(topic: str) -> Response:
     check_topic(topic)
     try:
         # Validated straight from the bytes by pydantic-core: no separate JSON parse.
-        body = PublishRequest.model_validate_json(await request.get_data())
+        body = PublishRequest.model_validate_json(await _body())
     except ValidationError as exc:
         raise InvalidArgument(describe_validation_error(exc)) from None
     messages = to_raw_messages(body)
@@ -151,7 +178,7 @@ async def _publish(topic: str) -> Response:
         metrics.PUBLISH_REQUESTS.labels(outcome=type(exc).__name__).inc()
         raise
     _OK.inc()
-    return jsonify({"messageIds": ids})
+    return Response(json.dumps({"messageIds": ids}), content_type="application/json")
 
 
 def _documented(route: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
