@@ -10,7 +10,7 @@ from quart import Quart, Response, jsonify
 from quart_schema import Info, QuartSchema, RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
-from . import limits
+from . import gctune, limits
 from .auth import SECURITY_SCHEMES, init_auth
 from .clients import builtin_clients
 from .clients.streaming import STREAMING
@@ -78,6 +78,8 @@ def create_app(
         if settings.eager:
             for name, reason in (await registry.start()).items():
                 log.warning("starting degraded: client %r is down: %s", name, reason)
+        if settings.gc_tuning:
+            gctune.settle()
         yield
         try:
             await registry.aclose()

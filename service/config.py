@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     publish_max_pending_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
 
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    gc_tuning: bool = Field(
+        default=True, description="Freeze startup's objects and collect garbage less often."
+    )
 
     # Authentication (service/auth.py): on unless explicitly "disabled".
     auth: Literal["enabled", "disabled"] = Field(default="enabled")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 from conftest import create_topic_at, make_settings
 from quart import Quart, websocket
 
-from service import ClientSpec, create_app, get_http, get_publisher
+from service import ClientSpec, create_app, gctune, get_http, get_publisher
 from service.dev.emulators import PubSubEmulator
 
 
@@ -102,6 +103,35 @@ async def test_clients_are_created_at_startup_and_closed_at_shutdown(pubsub_emul
         session = registry.peek("http")
     assert session.closed
     assert registry.created() == []
+
+
+@pytest.fixture
+def gc_state() -> Iterator[None]:
+    thresholds = gc.get_threshold()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+
+
+@pytest.mark.parametrize("tuning", [True, False])
+async def test_garbage_collection_is_settled_after_startup(
+    pubsub_emulator: Any, gc_state: None, tuning: bool
+) -> None:
+    gc.set_threshold(700, 10, 10)
+    app = create_app(make_settings(gc_tuning=tuning))
+    async with app.test_app():
+        registry = app.extensions["loopgate"].registry_for_running_loop()
+        publisher = registry.peek("publisher")
+        if tuning:
+            assert gc.get_threshold() == gctune.THRESHOLDS
+            # What startup made (the clients among it) is out of the collector's way.
+            assert gc.get_freeze_count() > 0
+            assert not any(obj is publisher for obj in gc.get_objects())
+        else:
+            assert gc.get_threshold() == (700, 10, 10)
+            assert any(obj is publisher for obj in gc.get_objects())
 
 
 async def test_lazy_mode_creates_nothing_at_startup(pubsub_emulator: Any) -> None:
