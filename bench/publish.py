@@ -34,11 +34,12 @@ PROJECT = "loopgate-bench"
 TOPIC = "bench"
 URL_PATH = f"/v1/topics/{TOPIC}:publish"
 PAYLOAD = base64.b64encode(b"loopgate-bench-" + b"x" * 49).decode()  # 64 bytes of data
-SETUPS = ("flask-per-request", "flask-global", "quart-noop", "loopgate")
+SETUPS = ("flask-per-request", "flask-global", "quart-noop", "quart-noop-gc", "loopgate")
 LABELS = {
     "flask-per-request": "Flask, client per request (gunicorn gthread)",
     "flask-global": "Flask, one global client (gunicorn gthread)",
     "quart-noop": "Quart no-op (Hypercorn), the ceiling",
+    "quart-noop-gc": "Quart no-op with loopgate's garbage-collection settings",
     "loopgate": "loopgate (Hypercorn)",
 }
 
@@ -79,7 +80,11 @@ def server_command(key: str, port: int, workers: int, threads: int, scratch: Pat
             f"--error-logfile={scratch / (key + '.err')}",
             f"bench.apps.{module}:app",
         ]
-    app = "service:create_app()" if key == "loopgate" else "bench.apps.quart_noop:app"
+    app = {
+        "loopgate": "service:create_app()",
+        "quart-noop": "bench.apps.quart_noop:app",
+        "quart-noop-gc": "bench.apps.quart_noop_gc:app",
+    }[key]
     return [
         sys.executable,
         "-m",
@@ -102,7 +107,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up per setup")
     parser.add_argument("--connections", default="64,256", help="comma-separated counts")
-    parser.add_argument("--batch-size", type=int, default=100, help="messages per batched request")
+    parser.add_argument(
+        "--batch-size", default="100,1000", help="messages per batched request (comma-separated)"
+    )
     parser.add_argument("--batch-connections", default="64", help="for the batched runs")
     parser.add_argument("--workers", type=int, default=2, help="worker processes per server")
     parser.add_argument("--threads", type=int, default=16, help="threads per gunicorn worker")
@@ -117,6 +124,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown setups {sorted(unknown)}; known: {', '.join(SETUPS)}")
     args.connections = [int(c) for c in args.connections.split(",") if c]
     args.batch_connections = [int(c) for c in args.batch_connections.split(",") if c]
+    args.batch_size = [int(n) for n in args.batch_size.split(",") if int(n or 0) > 1]
     return args
 
 
@@ -128,9 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     conditions = Conditions.now(args)
     scratch = ROOT / "bench" / "out" / time.strftime("%Y%m%d-%H%M%S")
     scratch.mkdir(parents=True, exist_ok=True)
-    single, batched = scratch / "single.json", scratch / "batched.json"
+    single = scratch / "single.json"
     single.write_bytes(body(1))
-    batched.write_bytes(body(args.batch_size))
+    batched = {size: scratch / f"batched-{size}.json" for size in args.batch_size}
+    for size, path in batched.items():
+        path.write_bytes(body(size))
     try:
         emulator = PubSubEmulator()
     except EmulatorError as exc:
@@ -167,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             run = run_wrk(
                 servers[key],
                 url_path=URL_PATH,
-                body_file=batched if messages > 1 else single,
+                body_file=batched[messages] if messages > 1 else single,
                 messages=messages,
                 connections=connections,
                 duration=duration,
@@ -180,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         print("warming up ...", flush=True)
         for key in servers:
             measure(key, max(args.connections), 1, args.warmup)
-        if "loopgate" in servers and args.batch_size > 1:
-            measure("loopgate", max(args.batch_connections), args.batch_size, args.warmup)
+        if "loopgate" in servers:
+            for size in args.batch_size:
+                measure("loopgate", max(args.batch_connections), size, args.warmup)
         keys = list(servers)
         for round_ in range(args.rounds):
             order = keys[round_ % len(keys) :] + keys[: round_ % len(keys)]
@@ -195,16 +206,17 @@ def main(argv: list[str] | None = None) -> int:
                         f"p99 {run.p99_ms:7.1f} ms  errors {run.errors}",
                         flush=True,
                     )
-            if "loopgate" in servers and args.batch_size > 1:
-                for connections in args.batch_connections:
-                    run = measure("loopgate", connections, args.batch_size, args.duration)
-                    runs.append(run)
-                    print(
-                        f"  round {round_ + 1}: loopgate x{args.batch_size:<4}    "
-                        f"c={connections:<4} {run.mps:8.0f} msg/s  p99 {run.p99_ms:7.1f} ms  "
-                        f"errors {run.errors}",
-                        flush=True,
-                    )
+            if "loopgate" in servers:
+                for size in args.batch_size:
+                    for connections in args.batch_connections:
+                        run = measure("loopgate", connections, size, args.duration)
+                        runs.append(run)
+                        print(
+                            f"  round {round_ + 1}: loopgate x{size:<4}    "
+                            f"c={connections:<4} {run.mps:8.0f} msg/s  p99 {run.p99_ms:7.1f} ms  "
+                            f"errors {run.errors}",
+                            flush=True,
+                        )
     except (EmulatorError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
