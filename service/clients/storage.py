@@ -7,17 +7,19 @@ after this one.
 
 What gcloud-aio-storage does here, and what it cannot:
 
-* metadata, listing, deletion and small uploads go through its public calls;
+* metadata, listing and deletion go through its public calls;
 * downloads stream through its ``download_stream``, which hands back the open response; the
   media response's own headers (:mod:`.storage_media`) describe the object well enough to serve a
   plain read, so the object's metadata is fetched only when a read needs more;
-* uploads cannot stream: ``Storage.upload`` takes bytes or a seekable file object (it measures the
-  length by seeking and sends the whole stream in one call), so an upload cannot be fed from a
-  request body as it arrives. Uploads larger than ``storage_chunk_bytes`` therefore run a resumable
-  upload with the loop's session directly (:meth:`StorageClient.upload_stream`): the body's chunks
-  are forwarded as they arrive, and the object exists only once the last byte is in. An upload cut
-  short leaves an unfinished upload session, never an object; Cloud Storage discards such sessions
-  after a week.
+* uploads do not go through it: ``Storage.upload`` takes bytes or a seekable file object (it
+  measures the length by seeking and sends the whole stream in one call), so an upload could not
+  be fed from a request body as it arrives, and even a small one would be copied into one buffer
+  first. Uploads therefore use the loop's session directly. A body of known length up to
+  ``storage_chunk_bytes`` is received whole, then sent as the chunks it arrived in, in one simple
+  upload (:meth:`StorageClient.upload_small`); a larger one runs a resumable upload
+  (:meth:`StorageClient.upload_stream`): the body's chunks are forwarded as they arrive, and the
+  object exists only once the last byte is in. An upload cut short leaves an unfinished upload
+  session, never an object; Cloud Storage discards such sessions after a week.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 from urllib.parse import quote
@@ -122,20 +124,31 @@ class StorageClient:
             await self.storage.delete(bucket, name, timeout=self._aio_timeout)
 
     async def upload_small(
-        self, bucket: str, name: str, data: bytes, *, content_type: str, if_absent: bool
+        self,
+        bucket: str,
+        name: str,
+        chunks: Sequence[bytes],
+        *,
+        content_type: str,
+        if_absent: bool,
     ) -> dict[str, Any]:
-        """Upload a body already in memory, in one request."""
-        parameters = {"ifGenerationMatch": "0"} if if_absent else {}
+        """Upload a body already received, in one request (a simple, ``uploadType=media`` upload).
+
+        The chunks go out as they are, one write each, with no copy into one buffer.
+        """
+        url = f"{self.api_root}/upload/storage/v1/b/{quote(bucket, safe='')}/o"
+        params = {"uploadType": "media", "name": name}
+        if if_absent:
+            params["ifGenerationMatch"] = "0"
+        headers = await self._auth()
+        headers["Content-Type"] = content_type
+        headers["Content-Length"] = str(sum(len(chunk) for chunk in chunks))
         with translate(bucket, name):
-            return await self.storage.upload(
-                bucket,
-                name,
-                data,
-                content_type=content_type,
-                parameters=parameters,
-                force_resumable_upload=False,
-                timeout=self._aio_timeout,
-            )
+            async with self.session.post(
+                url, params=params, headers=headers, data=_each(chunks), timeout=self.timeout
+            ) as response:
+                await raise_for_status(response)
+                return cast(dict[str, Any], await response.json(content_type=None))
 
     @asynccontextmanager
     async def download(
@@ -243,6 +256,11 @@ class StorageClient:
                 await self.storage.list_buckets(
                     project, params={"maxResults": "1"}, timeout=self._aio_timeout
                 )
+
+
+async def _each(chunks: Sequence[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
 
 
 async def create_storage() -> StorageClient:

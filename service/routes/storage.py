@@ -95,7 +95,7 @@ async def _request_chunks(limit: int) -> AsyncIterator[bytes]:
 @document_response(ErrorResponse, 413)
 @document_response(ErrorResponse, 503)
 @streaming.streams_body
-async def put_object(bucket: str, name: str) -> Any:
+async def put_object(bucket: str, name: str) -> Response:
     """Create or replace an object from the request body."""
     check_bucket(bucket)
     check_name(name)
@@ -119,9 +119,9 @@ async def put_object(bucket: str, name: str) -> Any:
     metrics.STORAGE_TRANSFERS.labels(direction="up").inc()
     try:
         if length is not None and length <= settings.storage_chunk_bytes:
-            data = b"".join([chunk async for chunk in chunks])
+            received = [chunk async for chunk in chunks]
             resource = await client.upload_small(
-                bucket, name, data, content_type=content_type, if_absent=if_absent
+                bucket, name, received, content_type=content_type, if_absent=if_absent
             )
         else:
             resource = await client.upload_stream(
@@ -129,12 +129,19 @@ async def put_object(bucket: str, name: str) -> Any:
             )
     except streaming.ClientDisconnected:
         log.info("upload of %s/%s abandoned: the client disconnected", bucket, name)
-        return jsonify(error_body(400, "the client disconnected during the upload")), 400
+        refused = jsonify(error_body(400, "the client disconnected during the upload"))
+        refused.status_code = 400
+        return refused
     finally:
         metrics.STORAGE_TRANSFERS.labels(direction="up").dec()
     metadata = object_metadata(resource)
-    headers = {"ETag": quote_etag(str(metadata["etag"]))} if metadata.get("etag") else {}
-    return metadata, 201, headers
+    # A ready response: quart-schema would otherwise build a pydantic TypeAdapter for the body
+    # and for the headers on every request.
+    response = jsonify(metadata)
+    response.status_code = 201
+    if metadata.get("etag"):
+        response.headers["ETag"] = quote_etag(str(metadata["etag"]))
+    return response
 
 
 # -- download -------------------------------------------------------------------------------------
