@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,8 @@ RESULTS = ROOT / "bench" / "RESULTS.md"
 MB = 1024 * 1024
 BUCKET = "bench"
 SIZES = {1 * MB: 40, 50 * MB: 8}  # object size -> repetitions per direction and path
+CONCURRENCY = (1, 4)  # transfers at once: one at a time (latency), and several (throughput)
+Key = tuple[int, int, str, str]  # (size, transfers at once, path, direction)
 DEADLINE = 600.0  # the whole run stops after this many seconds
 OP_TIMEOUT = 120.0
 
@@ -112,6 +114,10 @@ def create_bucket(emulator: StorageEmulator) -> None:
         pass
 
 
+async def _all(operations: Iterable[Awaitable[None]]) -> None:
+    await asyncio.gather(*operations)
+
+
 async def timed(operation: Callable[[], Awaitable[None]]) -> float:
     started = time.perf_counter()
     await asyncio.wait_for(operation(), OP_TIMEOUT)
@@ -119,9 +125,9 @@ async def timed(operation: Callable[[], Awaitable[None]]) -> float:
 
 
 async def measure(
-    base: str, emulator: StorageEmulator, worker: int, token: str
-) -> dict[tuple[int, str, str], Series]:
-    results: dict[tuple[int, str, str], Series] = {}
+    base: str, emulator: StorageEmulator, worker: int, token: str, concurrency: tuple[int, ...]
+) -> dict[Key, Series]:
+    results: dict[Key, Series] = {}
     deadline = time.monotonic() + DEADLINE
     timeout = aiohttp.ClientTimeout(total=None, sock_read=OP_TIMEOUT)
     auth = {"Authorization": f"Bearer {token}"}
@@ -160,56 +166,77 @@ async def measure(
         for size, repetitions in SIZES.items():
             data = os.urandom(size)
             for path, (up, down) in paths.items():  # warm-up, not measured
-                await up(f"{path}-{size}", data)
-                await down(f"{path}-{size}", size)
-            for _ in range(repetitions):
-                for path, (up, down) in paths.items():
-                    if time.monotonic() > deadline:
-                        return results
-                    name = f"{path}-{size}"
-                    for direction, operation in (
-                        ("up", lambda up=up, name=name, data=data: up(name, data)),
-                        ("down", lambda down=down, name=name, size=size: down(name, size)),
-                    ):
-                        series = results.setdefault((size, path, direction), Series())
-                        cpu = cpu_seconds(worker)
-                        series.seconds.append(await timed(operation))
-                        series.cpu.append(cpu_seconds(worker) - cpu)
+                await up(f"{path}-{size}-0", data)
+                await down(f"{path}-{size}-0", size)
+            for at_once in concurrency:
+                for _ in range(max(1, repetitions // at_once)):
+                    for path, (up, down) in paths.items():
+                        if time.monotonic() > deadline:
+                            return results
+                        names = [f"{path}-{size}-{i}" for i in range(at_once)]
+                        for direction, operation in (
+                            (
+                                "up",
+                                lambda up=up, names=names, data=data: _all(
+                                    up(n, data) for n in names
+                                ),
+                            ),
+                            (
+                                "down",
+                                lambda down=down, names=names, size=size: _all(
+                                    down(n, size) for n in names
+                                ),
+                            ),
+                        ):
+                            series = results.setdefault((size, at_once, path, direction), Series())
+                            cpu = cpu_seconds(worker)
+                            # Seconds per transfer: the batch's time shared by its transfers.
+                            series.seconds.append(await timed(operation) / at_once)
+                            series.cpu.append((cpu_seconds(worker) - cpu) / at_once)
     return results
 
 
-def targets(results: dict[tuple[int, str, str], Series]) -> list[str]:
+def targets(results: dict[Key, Series], concurrency: tuple[int, ...]) -> list[str]:
     lines = []
-    for size in SIZES:
-        for direction in ("up", "down"):
-            through = results.get((size, "loopgate", direction))
-            direct = results.get((size, "direct", direction))
-            if through and direct:
-                ratio = through.mb_per_s(size) / direct.mb_per_s(size)
-                verdict = "met" if ratio >= 0.8 else "NOT met"
-                lines.append(f"- {size // MB} MB {direction}: {ratio:.0%} -> {verdict}")
+    for at_once in concurrency:
+        for size in SIZES:
+            for direction in ("up", "down"):
+                through = results.get((size, at_once, "loopgate", direction))
+                direct = results.get((size, at_once, "direct", direction))
+                if through and direct:
+                    ratio = through.mb_per_s(size) / direct.mb_per_s(size)
+                    verdict = "met" if ratio >= 0.8 else "NOT met"
+                    lines.append(
+                        f"- {size // MB} MB {direction}, {_at_once(at_once)}: {ratio:.0%} "
+                        f"-> {verdict}"
+                    )
     return lines
 
 
-def table(results: dict[tuple[int, str, str], Series]) -> list[str]:
+def _at_once(count: int) -> str:
+    return "one at a time" if count == 1 else f"{count} at once"
+
+
+def table(results: dict[Key, Series], concurrency: tuple[int, ...]) -> list[str]:
     lines = [
-        "| object | direction | loopgate MB/s | direct MB/s | loopgate / direct "
-        "| loopgate worker CPU ms/MB (mean) | transfers |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| object | transfers | direction | loopgate MB/s | direct MB/s | loopgate / direct "
+        "| loopgate worker CPU ms/MB (mean) | samples |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    for size in SIZES:
-        for direction in ("up", "down"):
-            through = results.get((size, "loopgate", direction))
-            direct = results.get((size, "direct", direction))
-            if not through or not direct:
-                continue
-            ours, ceiling = through.mb_per_s(size), direct.mb_per_s(size)
-            cpu_per_mb = sum(through.cpu) * 1000 / (len(through.cpu) * size / MB)
-            lines.append(
-                f"| {size // MB} MB | {direction} | {ours:.1f} | {ceiling:.1f} | "
-                f"{ours / ceiling:.0%} | {cpu_per_mb:.1f} "
-                f"| {len(through.seconds)} + {len(direct.seconds)} |"
-            )
+    for at_once in concurrency:
+        for size in SIZES:
+            for direction in ("up", "down"):
+                through = results.get((size, at_once, "loopgate", direction))
+                direct = results.get((size, at_once, "direct", direction))
+                if not through or not direct:
+                    continue
+                ours, ceiling = through.mb_per_s(size), direct.mb_per_s(size)
+                cpu_per_mb = sum(through.cpu) * 1000 / (len(through.cpu) * size / MB)
+                lines.append(
+                    f"| {size // MB} MB | {_at_once(at_once)} | {direction} | {ours:.1f} "
+                    f"| {ceiling:.1f} | {ours / ceiling:.0%} | {cpu_per_mb:.1f} "
+                    f"| {len(through.seconds)} + {len(direct.seconds)} |"
+                )
     return lines
 
 
@@ -223,7 +250,13 @@ def cpu_model() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
+    parser.add_argument(
+        "--concurrency",
+        default=",".join(map(str, CONCURRENCY)),
+        help="transfers at once, comma separated (default: %(default)s)",
+    )
     args = parser.parse_args()
+    concurrency = tuple(int(c) for c in args.concurrency.split(",") if c)
 
     emulator = StorageEmulator()
     emulator.start()
@@ -247,7 +280,9 @@ def main() -> int:
         cpu_before = {pid: cpu_seconds(pid) for pid in ours}
         busy_before, wall_before = busy_seconds(), time.monotonic()
         load_before = os.getloadavg()[0]
-        results = asyncio.run(measure(f"http://127.0.0.1:{port}", emulator, worker, token))
+        results = asyncio.run(
+            measure(f"http://127.0.0.1:{port}", emulator, worker, token, concurrency)
+        )
         wall = time.monotonic() - wall_before
         busy = busy_seconds() - busy_before
         used = {pid: cpu_seconds(pid) - before for pid, before in cpu_before.items()}
@@ -260,14 +295,16 @@ def main() -> int:
 
     lines = [
         "Object transfers through loopgate (one Hypercorn worker) and the same transfers made "
-        "directly against the storage emulator with gcloud-aio-storage, one at a time, "
-        "interleaved, loopback only; MB/s are medians (MB = 2^20 bytes). Written by "
+        "directly against the storage emulator with gcloud-aio-storage, interleaved, loopback "
+        "only: one transfer at a time (each transfer's own speed), and several at once (what "
+        "the setup moves together); MB/s is the object's size over the median time per "
+        "transfer, a batch's time shared by its transfers (MB = 2^20 bytes). Written by "
         "`python -m bench.storage`.",
         "",
-        *table(results),
+        *table(results, concurrency),
         "",
         "Target: loopgate at least 80% of the direct figure (same run):",
-        *targets(results),
+        *targets(results, concurrency),
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {commit()}; "
         f"run took {wall:.0f} s",
