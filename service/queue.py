@@ -5,8 +5,12 @@ messages the way Pub/Sub consumers do. The threaded client's flow control caps t
 connection holds (``queue_max_outstanding``) and its lease management extends their ack deadlines
 while the client holds them, up to ``queue_max_lease`` seconds; after that Pub/Sub redelivers them.
 A nack, and every message still held when the connection ends, is nacked so Pub/Sub redelivers it
-at once (at-least-once). Messages held at the end are nacked with a unary call after the stream has
-stopped: nacked earlier, Pub/Sub could hand them straight back to the stream that is closing.
+at once (at-least-once). When the connection ends, its stream is ended gracefully first (the request
+side closed, then read until Pub/Sub ends it; see :mod:`service.clients.streaming`), and only then
+are the messages it held, and any that arrived meanwhile, nacked with a unary call. Nacked while the
+stream was open, Pub/Sub could hand them straight back to it; and a stream that is merely cancelled
+can for a while (on the emulator, for minutes) still be handed messages that nobody then sees until
+its ack deadline passes.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from .config import Settings
 from .listener import CLOSE_GOING_AWAY, StreamClosed, encode_message
 
 log = logging.getLogger("loopgate.queue")
+
+CLOSE_DRAIN = 5.0  # the longest a closing connection waits for Pub/Sub to end its stream
 
 
 class QueueConsumer:
@@ -130,18 +136,19 @@ class QueueConsumer:
         return unknown
 
     async def aclose(self) -> None:
-        """Stop pulling and nack everything held or not yet sent."""
+        """End the stream, then nack everything held, not yet sent, or received while closing."""
         self.close(CLOSE_GOING_AWAY, "connection closed")
-        held = list(self._held)
+        # Until Pub/Sub has ended the stream it may hand a nacked message straight back to it;
+        # nacked after its end, it goes to the other consumers (or waits for the next one).
+        never_handed = await self.pull.stop(drain=CLOSE_DRAIN)
+        ack_ids = [
+            *self._held,
+            *(m.ack_id for m in (*self._incoming, *self._late, *never_handed)),
+        ]
         self._held.clear()
-        await self._nack(held)
-        await self.pull.stop()
-        # Whatever reached this connection while it closed, and the held ones again in case the
-        # closing stream extended their lease after the first nack.
-        late = [m.ack_id for m in (*self._incoming, *self._late)]
         self._incoming.clear()
         self._late.clear()
-        await self._nack(held + late)
+        await self._nack(ack_ids)
 
     async def _nack(self, ack_ids: list[str]) -> None:
         for start in range(0, len(ack_ids), 1000):

@@ -13,11 +13,22 @@ callbacks (the callback does almost nothing), plus the client's own stream, leas
 :class:`StreamingPull` supervises one subscription: when the stream ends with a non-retryable error
 (the subscription or its topic was deleted, an emulator restarted) it calls ``prepare`` (which may
 recreate the subscription) and starts again with bounded backoff, until it is stopped.
+
+Ending a stream: the client library ends its stream by cancelling the RPC. Pub/Sub learns of a
+cancelled stream only some time later (the emulator may go on handing messages to it for minutes),
+and a message it hands to a stream that is gone is lost to everyone until that stream's ack
+deadline passes. :meth:`StreamingPull.stop` with ``drain`` therefore first ends the stream the way
+gRPC means it to: it closes the request side and reads on until Pub/Sub ends the response side.
+Every message sent on the stream before its end reaches this process, where the caller settles it;
+only then are the client's threads stopped. Closing the request side needs two private attributes
+of the client library (the request queue of its stream and its consumer thread); without them, or
+when Pub/Sub does not end the stream within ``drain`` seconds, the stream is cancelled as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -25,6 +36,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from google.cloud import pubsub_v1
+from google.cloud.pubsub_v1.subscriber._protocol.streaming_pull_manager import (
+    StreamingPullManager,
+)
+from google.cloud.pubsub_v1.subscriber.futures import StreamingPullFuture
 from google.cloud.pubsub_v1.subscriber.message import Message
 from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 
@@ -67,6 +82,8 @@ class StreamingPull:
         self._pending: list[Message] = []
         self._scheduled = False
         self._future: Any = None
+        self._manager: StreamingPullManager | None = None
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self.running = asyncio.Event()
         self.restarts = 0
@@ -81,13 +98,7 @@ class StreamingPull:
             try:
                 if self._prepare is not None:
                     await self._prepare()
-                executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loopgate-pull")
-                self._future = self.client.subscribe(
-                    self.subscription,
-                    self._callback,
-                    flow_control=self._flow_control,
-                    scheduler=ThreadScheduler(executor),
-                )
+                self._future = self._subscribe()
                 self.running.set()
                 await asyncio.wrap_future(self._future)
                 raise RuntimeError("the streaming pull ended")
@@ -95,6 +106,8 @@ class StreamingPull:
                 raise
             except Exception as exc:
                 self.running.clear()
+                if self._stopping:
+                    return  # stop() ended the stream
                 await self._cancel_future()
                 self.restarts += 1
                 log.warning(
@@ -108,6 +121,21 @@ class StreamingPull:
                 delay = RETRY_INITIAL  # it ran for a while: a new outage starts a new backoff
             await asyncio.sleep(delay)
             delay = min(RETRY_MAX, delay * 2)
+
+    def _subscribe(self) -> StreamingPullFuture:
+        # What SubscriberClient.subscribe does, keeping the manager so that stop() can end the
+        # stream gracefully. Its shutdown waits for a callback that is running: none runs after it.
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loopgate-pull")
+        self._manager = manager = StreamingPullManager(
+            self.client,
+            self.subscription,
+            flow_control=self._flow_control,
+            scheduler=ThreadScheduler(executor),
+            await_callbacks_on_shutdown=True,
+        )
+        future = StreamingPullFuture(manager)
+        manager.open(callback=self._callback, on_callback_error=future.set_exception)
+        return future
 
     def _callback(self, message: Message) -> None:
         # Runs in the client's executor thread: hand over, wake the loop once per batch.
@@ -134,17 +162,47 @@ class StreamingPull:
             # Cancelling joins the client's threads: off the loop.
             await asyncio.to_thread(_stop, future)
 
-    async def stop(self) -> None:
-        """Stop the stream and its supervisor; messages not yet acked are redelivered."""
+    async def stop(self, drain: float = 0.0) -> list[Message]:
+        """Stop the stream and its supervisor.
+
+        Args:
+            drain: when positive, end the stream gracefully first (see the module docstring) and
+                wait up to that many seconds for Pub/Sub to end it; every message sent on it
+                before then reaches ``on_messages`` (the consumer must be ready to settle it).
+
+        Returns the messages received but never handed to ``on_messages``. The client library's
+        own nack is dropped once its stream has stopped, so a caller that needs them back at once
+        nacks their ``ack_id`` with a unary call. Nothing is handed over after this returns.
+        """
+        self._stopping = True
+        future, manager = self._future, self._manager
+        if drain > 0 and future is not None and manager is not None:
+            await asyncio.to_thread(_end_gracefully, future, manager, drain)
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        await self._cancel_future()  # joins the client's threads: no callback runs after this
+        self._manager = None
         with self._lock:
             batch, self._pending = self._pending, []
-        for message in batch:
-            message.nack()
-        await self._cancel_future()
+        return batch
+
+
+def _end_gracefully(future: Any, manager: StreamingPullManager, timeout: float) -> None:
+    """Close the stream's request side and wait until Pub/Sub ends the stream (or ``timeout``)."""
+    requests = getattr(getattr(manager, "_rpc", None), "_request_queue", None)
+    consumer = getattr(manager, "_consumer", None)
+    if requests is None or consumer is None or future.done():
+        return
+    requests.put(None)  # the request iterator ends: gRPC half-closes the stream
+    consumer.resume()  # paused by flow control, the consumer would never read the stream's end
+    try:
+        future.result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        log.warning("Pub/Sub did not end a closed streaming pull within %.1fs", timeout)
+    except Exception:
+        pass  # the stream ended, as it always does, with a status
 
 
 def _stop(future: Any) -> None:
