@@ -88,6 +88,15 @@ class Settings(BaseSettings):
         description="A full connection queue drops its oldest or closes (1013).",
     )
     stream_max_frame_messages: int = Field(default=500, ge=1, description="Per coalesced frame.")
+    stream_frame_rate: float = Field(
+        default=25_000,
+        gt=0,
+        description="Websocket frames per second a worker aims at per topic: messages wait up to "
+        "subscribers / rate seconds to share a frame.",
+    )
+    stream_max_coalesce_delay: float = Field(
+        default=0.25, ge=0, description="Longest a message waits to share a frame (seconds)."
+    )
     stream_idle_timeout: float = Field(
         default=3600.0,
         ge=0,

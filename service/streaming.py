@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 from hypercorn.typing import (
@@ -125,15 +125,20 @@ class StreamingBodies:
         self.app = app
         self.asgi_app = asgi_app
 
-    async def __call__(
+    def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
+    ) -> Coroutine[Any, Any, None]:
+        # A plain function handing back the app's coroutine: a coroutine of its own would stay
+        # alive, with its frame, for as long as each connection (websockets included).
         if scope["type"] == "http" and self._streams(scope):
             stream = RequestStream(receive)
             scope = cast(Scope, {**scope, SCOPE_KEY: stream})
-            await self.asgi_app(scope, stream.receive_for_app, _finishing(stream, send))
+            result: Coroutine[Any, Any, None] = self.asgi_app(
+                scope, stream.receive_for_app, _finishing(stream, send)
+            )
         else:
-            await self.asgi_app(scope, receive, send)
+            result = self.asgi_app(scope, receive, send)
+        return result
 
     def _streams(self, scope: Any) -> bool:
         method = scope["method"]

@@ -36,11 +36,11 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from google.api_core import exceptions as gexc
-from quart import Blueprint, Response, websocket
+from quart import Blueprint, Quart, Response, websocket
 from quart_schema import document_response
 
 from .. import metrics
@@ -63,10 +63,50 @@ def _subscribed(**fields: str) -> str:
     return json.dumps({"type": "subscribed", **fields})
 
 
-def _record(batch: Batch, deliveries: Any) -> None:
-    if batch.frames:
-        deliveries.inc(len(batch.frames))
-        metrics.STREAM_LATENCY.observe(max(0.0, time.time() - batch.frames[0].published))
+LATENCY_SAMPLES_PER_SECOND = 100
+_latency_due = [0.0]  # time.time() from which the next frame's latency is recorded
+
+
+def _record(batch: Batch, listener: Listener) -> None:
+    """Count the messages written (the hub adds them to the metric every second) and record the
+    latency of at most ``LATENCY_SAMPLES_PER_SECOND`` frames per worker: a metric update per frame
+    would cost about as much as writing the frame."""
+    frames = batch.frames
+    if frames:
+        listener.delivered += len(frames)
+        now = time.time()
+        if now >= _latency_due[0]:
+            _latency_due[0] = now + 1 / LATENCY_SAMPLES_PER_SECOND
+            metrics.STREAM_LATENCY.observe(max(0.0, now - frames[0].published))
+
+
+class ExposeWebsocketSend:
+    """ASGI middleware putting each websocket's ASGI ``send`` in its scope (``SEND_KEY``).
+
+    The stream routes write their frames with it: Quart's ``websocket.send`` yields to the loop,
+    re-checks the handshake and emits a signal on every frame, which costs as much as the rest of
+    the write.
+    """
+
+    def __init__(self, asgi_app: Callable[..., Any]) -> None:
+        self.asgi_app = asgi_app
+
+    def __call__(self, scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]:
+        # Not a coroutine of its own and no copy of the scope: either would hold about 1 KiB per
+        # connection for its whole life.
+        if scope["type"] == "websocket":
+            scope[SEND_KEY] = send
+        result: Coroutine[Any, Any, None] = self.asgi_app(scope, receive, send)
+        return result
+
+
+SEND_KEY = "loopgate.websocket_send"
+
+
+def install(app: Quart) -> None:
+    """Wrap ``app``'s ASGI callable once with :class:`ExposeWebsocketSend`."""
+    if not isinstance(app.asgi_app, ExposeWebsocketSend):
+        app.asgi_app = ExposeWebsocketSend(app.asgi_app)  # type: ignore[method-assign]
 
 
 async def _read_and_ignore(listener: Listener) -> None:
@@ -86,7 +126,7 @@ async def topic_stream(topic: str) -> None:
         async with connection_slot(), hub.subscribe(topic) as listener:
             await websocket.accept()
             await websocket.send(_subscribed(topic=topic))
-            deliveries = metrics.STREAM_DELIVERIES.labels(topic=topic)
+            send: Any = websocket.scope.get(SEND_KEY)  # None: not served through create_app()
             reader = asyncio.ensure_future(_read_and_ignore(listener))
             try:
                 while True:
@@ -98,8 +138,11 @@ async def topic_stream(topic: str) -> None:
                         await websocket.close(closed.code, closed.reason)
                         return
                     for text in websocket_texts(batch):
-                        await websocket.send(text)
-                    _record(batch, deliveries)
+                        if send is None:
+                            await websocket.send(text)
+                        else:
+                            await send({"type": "websocket.send", "bytes": None, "text": text})
+                    _record(batch, listener)
             finally:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
@@ -133,14 +176,13 @@ async def topic_events(topic: str) -> Response:
                 hub.subscribe(topic, heartbeat=heartbeat) as listener,
             ):
                 yield f"retry: 1000\ndata: {_subscribed(topic=topic)}\n\n".encode()
-                deliveries = metrics.STREAM_DELIVERIES.labels(topic=topic)
                 while True:
                     try:
                         batch = await listener.get()
                     except StreamClosed:
                         return
                     yield _sse(batch)
-                    _record(batch, deliveries)
+                    _record(batch, listener)
 
     response = Response(
         events(),
