@@ -41,6 +41,7 @@ from typing import Any
 
 from google.api_core import exceptions as gexc
 from quart import Blueprint, Quart, Response, websocket
+from quart.asgi import ASGIWebsocketConnection
 from quart_schema import document_response
 
 from .. import metrics
@@ -103,8 +104,53 @@ class ExposeWebsocketSend:
 SEND_KEY = "loopgate.websocket_send"
 
 
+class _Inbox:
+    """The frames a websocket client sent, for ``websocket.receive()``: what Quart uses of an
+    ``asyncio.Queue``, in a list and at most one future. An ``asyncio.Queue`` holds three deques,
+    2.2 KiB for every connection, most of which never receive anything."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def put(self, item: Any) -> None:
+        self.put_nowait(item)
+
+    async def get(self) -> Any:
+        while not self._items:
+            waiter = self._waiter
+            if waiter is None or waiter.done():
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                # Receivers share the future: another one's cancellation cancels it too.
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise
+        return self._items.pop(0)
+
+
+class WebsocketConnection(ASGIWebsocketConnection):
+    """Quart's websocket connection with a lighter inbox (:class:`_Inbox`)."""
+
+    def __init__(self, app: Quart, scope: Any) -> None:
+        super().__init__(app, scope)
+        self.queue: Any = _Inbox()
+
+
 def install(app: Quart) -> None:
-    """Wrap ``app``'s ASGI callable once with :class:`ExposeWebsocketSend`."""
+    """Wrap ``app``'s ASGI callable once with :class:`ExposeWebsocketSend`, and use
+    :class:`WebsocketConnection` for its websockets."""
+    app.asgi_websocket_class = WebsocketConnection
     if not isinstance(app.asgi_app, ExposeWebsocketSend):
         app.asgi_app = ExposeWebsocketSend(app.asgi_app)  # type: ignore[method-assign]
 
