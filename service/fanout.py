@@ -254,16 +254,22 @@ class Hub:
 
         Handing messages to the subscribers costs one websocket frame per subscriber, whatever the
         number of messages: so the hub does it at most once per ``subscribers / stream_frame_rate``
-        seconds (at most ``stream_max_coalesce_delay``). A message arriving after a quiet spell
-        goes out at once; messages arriving faster share frames.
+        seconds (at most ``stream_max_coalesce_delay``, and not once ``stream_queue_size``
+        messages wait). A message arriving after a quiet spell goes out at once; messages arriving
+        faster share frames.
         """
         feed = self._feeds.get(topic)
         if feed is None or not feed.listeners:
             return
         feed.pending.extend(frames)
-        if feed.flush is not None:
-            return
         settings = self.settings
+        if feed.flush is not None:
+            if len(feed.pending) < settings.stream_queue_size:
+                return
+            # No queue holds more than this: waiting longer would only grow the buffer.
+            feed.flush.cancel()
+            self._flush(feed)
+            return
         interval = min(
             settings.stream_max_coalesce_delay, len(feed.listeners) / settings.stream_frame_rate
         )

@@ -271,3 +271,25 @@ async def test_cancelling_one_waiting_subscriber_does_not_disturb_the_others() -
     listeners[1].put_many([_frame(1)])
     batch = await asyncio.wait_for(waiting, WAIT)
     assert [f.message_id for f in batch.frames] == ["1"]
+
+
+async def test_a_full_queue_worth_of_messages_is_handed_over_without_waiting(
+    pubsub_emulator: Any, topic: Topic
+) -> None:
+    app = create_app(
+        make_settings(stream_frame_rate=1, stream_max_coalesce_delay=60, stream_queue_size=3)
+    )
+    async with app.test_app():
+        hub = await _hub(app)
+        async with hub.subscribe(topic.name) as listener:
+            hub.fanout(topic.name, [_frame(1)])  # after a quiet spell: handed over at once
+            first = await asyncio.wait_for(listener.get(), WAIT)
+            hub.fanout(topic.name, [_frame(2)])
+            hub.fanout(topic.name, [_frame(3)])
+            assert len(listener) == 0  # waiting for the window's end
+            hub.fanout(topic.name, [_frame(4)])  # a full queue's worth: no more waiting
+            assert hub._feeds[topic.name].flush is None
+            rest = await asyncio.wait_for(listener.get(), WAIT)
+    assert [f.message_id for f in first.frames] == ["1"]
+    assert [f.message_id for f in rest.frames] == ["2", "3", "4"]
+    assert rest.dropped == 0
