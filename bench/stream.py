@@ -110,6 +110,16 @@ def worker_pid(master: int) -> int:
     raise RuntimeError("no Hypercorn worker process found")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds process ``pid`` has used so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def worker_cpu_seconds(process: subprocess.Popen[bytes]) -> float:
+    return cpu_seconds(worker_pid(process.pid))
+
+
 def worker_rss_kib(process: subprocess.Popen[bytes]) -> int:
     pid = worker_pid(process.pid)
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -148,7 +158,12 @@ class Publisher(threading.Thread):
 
 
 def run_client(
-    url: str, clients: int, warmup: float, measure: float, on_connected: Any = None
+    url: str,
+    clients: int,
+    warmup: float,
+    measure: float,
+    on_connected: Any = None,
+    on_measuring: Any = None,
 ) -> dict[str, Any]:
     process = subprocess.Popen(
         [
@@ -165,14 +180,22 @@ def run_client(
     )
     assert process.stdout is not None
     result: dict[str, Any] = {}
+    client_cpu = 0.0
     try:
         deadline = time.monotonic() + warmup + measure + 120
         for line in process.stdout:
             event = json.loads(line)
             if event["event"] == "connected" and on_connected is not None:
                 on_connected(event)
+            if event["event"] == "measuring":
+                client_cpu = cpu_seconds(process.pid)
+                if on_measuring is not None:
+                    on_measuring()
             if event["event"] == "result":
                 result = event
+                if client_cpu:
+                    used = cpu_seconds(process.pid) - client_cpu
+                    result["client_cpu"] = used / event["seconds"]
                 break
             if time.monotonic() > deadline:
                 break
@@ -193,8 +216,13 @@ def one_run(
     publisher = None
     path = "/naive" if mode == "naive" else "/v1/topics"
     memory: dict[str, Any] = {}
+    cpu: dict[str, float] = {}
     try:
         rss0 = worker_rss_kib(server)
+
+        def measuring() -> None:
+            cpu["start"] = worker_cpu_seconds(server)
+
         if mode != "ceiling":
 
             def connected(event: dict[str, Any]) -> None:
@@ -208,10 +236,24 @@ def one_run(
 
             def connected(event: dict[str, Any]) -> None:
                 memory["per_connection_kib"] = None
+                # The timer starts only now, like the publisher of the other designs.
+                urllib.request.urlopen(
+                    urllib.request.Request(f"http://127.0.0.1:{port}/bench/start", method="POST"),
+                    timeout=30,
+                ).close()
 
         result = run_client(
-            f"ws://127.0.0.1:{port}{path}/{TOPIC}/stream", clients, 3.0, measure, connected
+            f"ws://127.0.0.1:{port}{path}/{TOPIC}/stream",
+            clients,
+            3.0,
+            measure,
+            connected,
+            measuring,
         )
+        if "start" in cpu and result.get("delivered"):
+            used = worker_cpu_seconds(server) - cpu["start"]
+            result["worker_cpu"] = used / result["seconds"]
+            result["cpu_us_per_delivery"] = used / result["delivered"] * 1e6
     finally:
         if publisher is not None:
             publisher.stop()
@@ -259,15 +301,18 @@ def conditions() -> str:
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| design | clients | offered/s | delivered/s | p50 ms | p99 ms | max ms | dropped | open "
-        "| KiB/conn |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| worker CPU | CPU µs/delivery | client CPU | KiB/conn |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         kib = r.get("per_connection_kib")
+        cpu, per, client = r.get("worker_cpu"), r.get("cpu_us_per_delivery"), r.get("client_cpu")
         lines.append(
             f"| {r['mode']} | {r['clients']} | {r['offered']:.0f} | {r.get('per_second', 0):.0f} | "
             f"{r.get('p50_ms')} | {r.get('p99_ms')} | {r.get('max_ms')} | {r.get('dropped', 0)} | "
-            f"{r.get('open')}/{r['clients']} | {'' if kib is None else f'{kib:.1f}'} |"
+            f"{r.get('open')}/{r['clients']} | {'' if cpu is None else f'{cpu:.0%}'} | "
+            f"{'' if per is None else f'{per:.1f}'} | {'' if client is None else f'{client:.0%}'} | "
+            f"{'' if kib is None else f'{kib:.1f}'} |"
         )
     return "\n".join(lines)
 
@@ -278,6 +323,10 @@ def main() -> int:
     parser.add_argument("--measure", type=float, default=8.0)
     parser.add_argument("--clients", default="100,1000,5000")
     parser.add_argument("--naive-all", action="store_true")
+    parser.add_argument("--modes", default="ceiling,pubsub,naive", help="designs to run")
+    parser.add_argument(
+        "--idle", type=int, default=5000, help="idle websockets for the memory measure (0: skip)"
+    )
     parser.add_argument(
         "--write", action="store_true", help="replace the Streams section of bench/RESULTS.md"
     )
@@ -298,20 +347,20 @@ def main() -> int:
         admin.create_topic(name=admin.topic_path(PROJECT, TOPIC))
         admin.stop()
         for clients in [int(c) for c in args.clients.split(",")]:
-            for mode in ("ceiling", "pubsub", "naive"):
+            for mode in args.modes.split(","):
                 if mode == "naive" and clients > 100 and not args.naive_all:
                     continue
                 result = one_run(mode, clients, args.deliveries, args.measure, out)
                 print(json.dumps(result), flush=True)
                 results.append(result)
-        idle = idle_memory(5000, out)
-        print(json.dumps({"idle_kib_per_connection_5000": idle}), flush=True)
+        idle = idle_memory(args.idle, out) if args.idle else float("nan")
+        print(json.dumps({"idle_kib_per_connection": idle}), flush=True)
     finally:
         emulator.stop()
     report = (
         f"Conditions: {header}\n\nOffered load {args.deliveries:.0f} deliveries/s, "
         f"measured over {args.measure:g} s after a 3 s warm-up.\n\n{table(results)}\n\n"
-        f"Idle memory: {idle:.1f} KiB per connection (5,000 idle websockets, worker RSS).\n"
+        f"Idle memory: {idle:.1f} KiB per connection ({args.idle:,} idle websockets, worker RSS).\n"
     )
     print(report)
     if args.write:

@@ -2,7 +2,10 @@
 
 * ``ceiling_app()``: the loopgate service with the fan-out hub fed by a timer in the worker instead of
   Pub/Sub: the same routes, queues, coalescing and websocket writes, no Pub/Sub at all. It shows
-  what one worker can deliver at best.
+  what one worker can deliver at best. The timer starts on ``POST /bench/start``, which the
+  benchmark sends once every client is connected (as it starts publishing for the other designs):
+  a timer already broadcasting while thousands of clients connect slows their handshakes until the
+  client gives up on some of them.
 * ``naive_app()``: the design the hub replaces: every websocket creates its own Pub/Sub subscription
   and runs its own streaming pull, at ``/naive/<topic>/stream``.
 
@@ -49,9 +52,10 @@ async def _create_timer_hub() -> Hub:
     return TimerHub(current_settings(), await SUBSCRIBER.get(), None, await GATE.get())
 
 
-async def _timer(hub: Hub, topic: str, rate: float) -> None:
+async def _timer(hub: Hub, topic: str, rate: float, go: asyncio.Event) -> None:
     data = base64.b64encode(b"x" * 64).decode()
     loop = asyncio.get_running_loop()
+    await go.wait()
     start, sent, number = loop.time(), 0, 0
     while True:
         await asyncio.sleep(TICK)
@@ -86,13 +90,19 @@ def ceiling_app() -> Quart:
         for spec in loops.specs
     ]
     topic, rate = os.environ["BENCH_TOPIC"], float(os.environ["BENCH_RATE"])
+    go = asyncio.Event()
+
+    @app.post("/bench/start")
+    async def start() -> str:
+        go.set()
+        return "started"
 
     @app.while_serving
     async def timer() -> Any:
         registry = loops.registry_for_running_loop()
         with registry.bind():
             hub = await FANOUT.get()
-        task = asyncio.get_running_loop().create_task(_timer(hub, topic, rate))
+        task = asyncio.get_running_loop().create_task(_timer(hub, topic, rate, go))
         yield
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -39,6 +39,7 @@ function waitOpen() {
     setTimeout(() => {
       measuring = true;
       const t0 = Date.now();
+      process.stdout.write(JSON.stringify({ event: "measuring" }) + "\n");
       setTimeout(() => {
         measuring = false;
         const secs = (Date.now() - t0) / 1000;

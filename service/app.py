@@ -61,6 +61,7 @@ def create_app(
     app.register_blueprint(health.blueprint)
     app.register_blueprint(publish.blueprint)
     app.register_blueprint(stream.blueprint)
+    stream.install(app)
     app.register_blueprint(storage.blueprint)
     _register_error_handlers(app)
 

@@ -91,6 +91,15 @@ class Settings(BaseSettings):
         description="A full connection queue drops its oldest or closes (1013).",
     )
     stream_max_frame_messages: int = Field(default=500, ge=1, description="Per coalesced frame.")
+    stream_frame_rate: float = Field(
+        default=25_000,
+        gt=0,
+        description="Websocket frames per second a worker aims at per topic: messages wait up to "
+        "subscribers / rate seconds to share a frame.",
+    )
+    stream_max_coalesce_delay: float = Field(
+        default=0.25, ge=0, description="Longest a message waits to share a frame (seconds)."
+    )
     stream_idle_timeout: float = Field(
         default=3600.0,
         ge=0,
@@ -125,6 +134,9 @@ class Settings(BaseSettings):
     )
     storage_timeout: float = Field(
         default=60.0, gt=0, description="Seconds a Cloud Storage call may wait for data."
+    )
+    upload_idle_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds an upload's client may send nothing (408)."
     )
 
     @field_validator("topics", "subscriptions", "allowed_origins", "buckets", mode="before")

@@ -18,9 +18,11 @@ leftovers of its own prefix and host: subscriptions of processes that are gone, 
 whose topic was deleted.
 
 Each received batch is serialized once (:func:`~service.listener.encode_message`), put in every
-local subscriber's bounded queue, and then acked. A full queue drops its oldest messages (the client
-is told how many) or closes the connection with 1013, per ``stream_slow_policy``; it never delays
-the other subscribers. The streaming pull resumes by itself after errors (see
+local subscriber's bounded queue, at most once per ``subscribers / stream_frame_rate`` seconds so
+that messages arriving close together share one websocket frame (see :meth:`Hub.fanout`), and
+acked once it is there. A full queue drops its oldest messages (the client is told how many)
+or closes the connection with 1013, per ``stream_slow_policy``; it never delays the other
+subscribers. The streaming pull resumes by itself after errors (see
 :mod:`service.clients.streaming`); when the subscription is gone (an emulator restart, a deleted
 topic) it is created again, and connected subscribers receive again once it is back.
 """
@@ -34,7 +36,6 @@ import os
 import re
 import secrets
 import socket
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +50,15 @@ from .clients.pubsub import SUBSCRIBER
 from .clients.streaming import STREAMING, StreamingPull
 from .config import Settings
 from .errors import BackendError, TopicNotFound, Unavailable
-from .listener import CLOSE_GOING_AWAY, CLOSE_NORMAL, Frame, Listener, encode_message
+from .listener import (
+    CLOSE_GOING_AWAY,
+    CLOSE_NORMAL,
+    Bell,
+    Chunk,
+    Frame,
+    Listener,
+    encode_message,
+)
 from .registry import ClientSpec, current_settings
 from .shutdown import GATE, ConnectionGate
 
@@ -73,8 +82,14 @@ class _Feed:
     created: asyncio.Task[None] | None = None
     pull: StreamingPull | None = None
     linger: asyncio.TimerHandle | None = None
+    pending: list[Frame] = field(default_factory=list)
+    unacked: list[Any] = field(default_factory=list)  # Pub/Sub messages behind ``pending``
+    flush: asyncio.TimerHandle | None = None
+    flushed: float = float("-inf")
+    bell: Bell = field(default_factory=Bell)
     subscribers_gauge: Any = None
     drops: Any = None
+    deliveries: Any = None
 
 
 class Hub:
@@ -121,16 +136,17 @@ class Hub:
 
     # -- subscribers ----------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def subscribe(
-        self, topic: str, *, heartbeat: float | None = None
-    ) -> AsyncIterator[Listener]:
-        """A listener receiving every message published to ``topic`` from now on.
+    def subscribe(self, topic: str, *, heartbeat: float | None = None) -> _Subscription:
+        """``async with hub.subscribe(topic) as listener``: a listener receiving every message
+        published to ``topic`` from now on.
 
-        Raises:
+        Raises (on entering):
             TopicNotFound: the topic does not exist.
             Unavailable: Pub/Sub cannot be reached, or the worker is shutting down.
         """
+        return _Subscription(self, topic, heartbeat)
+
+    async def _enter(self, topic: str, heartbeat: float | None) -> tuple[_Feed, Listener]:
         if self._closing:
             raise Unavailable("the server is shutting down")
         feed = self._feeds.get(topic)
@@ -146,9 +162,9 @@ class Hub:
             close_when_full=settings.stream_slow_policy == "close",
             max_frame=settings.stream_max_frame_messages,
             heartbeat=heartbeat,
+            bell=feed.bell,
         )
         feed.listeners.add(listener)
-        counted = False
         try:
             assert feed.created is not None
             try:
@@ -156,25 +172,33 @@ class Hub:
                     await asyncio.shield(feed.created)
             except TimeoutError:
                 raise Unavailable(f"subscribing to topic {topic!r} timed out") from None
-            feed.subscribers_gauge.inc()
-            counted = True
-            yield listener
-        finally:
-            feed.listeners.discard(listener)
-            if counted:
-                feed.subscribers_gauge.dec()
-            if not feed.listeners and not self._closing and self._feeds.get(topic) is feed:
-                if feed.created is not None and feed.created.done() and feed.created.exception():
-                    self._feeds.pop(topic)
-                else:
-                    feed.linger = self._loop.call_later(
-                        settings.fanout_grace, self._retire_later, feed
-                    )
+        except BaseException:
+            self._leave(feed, listener, counted=False)
+            raise
+        feed.subscribers_gauge.inc()
+        return feed, listener
+
+    def _leave(self, feed: _Feed, listener: Listener, *, counted: bool = True) -> None:
+        feed.listeners.discard(listener)
+        if listener.delivered:
+            feed.deliveries.inc(listener.delivered)
+            listener.delivered = 0
+        if counted:
+            feed.subscribers_gauge.dec()
+        topic = feed.topic
+        if not feed.listeners and not self._closing and self._feeds.get(topic) is feed:
+            if feed.created is not None and feed.created.done() and feed.created.exception():
+                self._feeds.pop(topic)
+            else:
+                feed.linger = self._loop.call_later(
+                    self.settings.fanout_grace, self._retire_later, feed
+                )
 
     def _open(self, topic: str) -> _Feed:
         feed = _Feed(topic, self.subscription_path(topic))
         feed.subscribers_gauge = metrics.STREAM_SUBSCRIBERS.labels(topic=topic)
         feed.drops = metrics.STREAM_DROPS.labels(topic=topic, reason="dropped")
+        feed.deliveries = metrics.STREAM_DELIVERIES.labels(topic=topic)
         feed.created = self._spawn(self._start_feed(feed))
         # Retrieved here so that a failure no subscriber awaits is not reported as unretrieved.
         feed.created.add_done_callback(lambda task: task.cancelled() or task.exception())
@@ -190,6 +214,7 @@ class Hub:
             lambda messages: self._dispatch(feed, messages),
             flow,
             prepare=lambda: self._create_subscription(feed, again=True),
+            inline=True,
         )
         feed.pull.start()
 
@@ -220,20 +245,63 @@ class Hub:
         log.info("created fan-out subscription %s", feed.subscription)
 
     def _dispatch(self, feed: _Feed, messages: list[Any]) -> None:
-        """Serialize once, queue for every subscriber, then ack."""
-        frames = [encode_message(message) for message in messages]
-        self.fanout(feed.topic, frames)
-        for message in messages:
-            message.ack()
+        """Serialize once and hand to the subscribers (see :meth:`fanout`), which acks them."""
+        self.fanout(feed.topic, [encode_message(message) for message in messages], messages)
 
-    def fanout(self, topic: str, frames: list[Frame]) -> None:
-        """Put ``frames`` in the queue of every local subscriber of ``topic``."""
+    def fanout(self, topic: str, frames: list[Frame], messages: list[Any] | None = None) -> None:
+        """Put ``frames`` in the queue of every local subscriber of ``topic``.
+
+        ``messages``, the Pub/Sub messages the frames came from, are acked once the frames are in
+        every subscriber's queue (at once when the topic has no subscriber here).
+
+        Handing messages to the subscribers costs one websocket frame per subscriber, whatever the
+        number of messages: so the hub does it at most once per ``subscribers / stream_frame_rate``
+        seconds (at most ``stream_max_coalesce_delay``, and not once ``stream_queue_size`` or
+        half of ``fanout_max_outstanding`` messages wait). A message arriving after a quiet spell
+        goes out at once; messages arriving faster share frames.
+        """
         feed = self._feeds.get(topic)
         if feed is None or not feed.listeners:
+            for message in messages or ():
+                message.ack()
             return
+        feed.pending.extend(frames)
+        if messages:
+            feed.unacked.extend(messages)
+        settings = self.settings
+        if feed.flush is not None:
+            if len(feed.pending) < min(
+                settings.stream_queue_size, settings.fanout_max_outstanding // 2
+            ):
+                return
+            # No queue holds more than this, and the pull's flow control stops at its
+            # outstanding bound while these wait unacked: waiting longer would only stall.
+            feed.flush.cancel()
+            self._flush(feed)
+            return
+        interval = min(
+            settings.stream_max_coalesce_delay, len(feed.listeners) / settings.stream_frame_rate
+        )
+        delay = feed.flushed + interval - self._loop.time()
+        if delay <= 0:
+            self._flush(feed)
+        else:
+            feed.flush = self._loop.call_later(delay, self._flush, feed)
+
+    def _flush(self, feed: _Feed) -> None:
+        feed.flush = None
+        feed.flushed = self._loop.time()
+        frames, feed.pending = feed.pending, []
+        unacked, feed.unacked = feed.unacked, []
+        if not frames:
+            return
+        chunk = Chunk(frames)
         dropped = 0
         for listener in tuple(feed.listeners):
-            dropped += listener.put_many(frames)
+            dropped += listener.put_many(frames, chunk, wake=False)
+        feed.bell.ring()
+        for message in unacked:
+            message.ack()
         if dropped:
             feed.drops.inc(dropped)
 
@@ -243,6 +311,8 @@ class Hub:
         feed.linger = None
         if self._feeds.get(feed.topic) is feed and not feed.listeners:
             del self._feeds[feed.topic]
+            if feed.flush is not None:
+                feed.flush.cancel()
             self._spawn(self._retire(feed))
 
     async def _retire(self, feed: _Feed) -> None:
@@ -270,6 +340,8 @@ class Hub:
         for feed in feeds:
             if feed.linger is not None:
                 feed.linger.cancel()
+            if feed.flush is not None:
+                feed.flush.cancel()
             for listener in tuple(feed.listeners):
                 listener.close(CLOSE_GOING_AWAY, "server shutting down")
             self._spawn(self._retire(feed))
@@ -284,7 +356,8 @@ class Hub:
     # -- housekeeping ---------------------------------------------------------------------
 
     async def _sample(self) -> None:
-        """Every second: the queue-depth gauge, idle timeouts and SSE heartbeats."""
+        """Every second: the deliveries counter, the queue-depth gauge, idle timeouts and SSE
+        heartbeats (counting deliveries here saves a metric update per frame)."""
         depth = metrics.STREAM_QUEUE_DEPTH
         idle = self.settings.stream_idle_timeout
         while True:
@@ -292,12 +365,17 @@ class Hub:
             now = self._loop.time()
             total = 0
             for feed in list(self._feeds.values()):
+                delivered = 0
                 for listener in tuple(feed.listeners):
                     total += len(listener)
-                    if idle and now - listener.last_activity > idle:
+                    delivered += listener.delivered
+                    listener.delivered = 0
+                    if idle and now - max(listener.last_activity, listener.last_write) > idle:
                         listener.close(CLOSE_NORMAL, "idle timeout")
                     elif listener.heartbeat and now - listener.last_write >= listener.heartbeat:
                         listener.request_heartbeat()
+                if delivered:
+                    feed.deliveries.inc(delivered)
             depth.set(total)
 
     async def sweep(self) -> list[str]:
@@ -333,6 +411,29 @@ class Hub:
         if pid == self.pid:
             return token != self.token
         return not _alive(pid)
+
+
+class _Subscription:
+    """What :meth:`Hub.subscribe` returns. A class rather than ``@asynccontextmanager``: the
+    generator of the latter would stay alive, with its frame, for as long as each connection."""
+
+    __slots__ = ("_entered", "_heartbeat", "_hub", "_topic")
+
+    def __init__(self, hub: Hub, topic: str, heartbeat: float | None) -> None:
+        self._hub = hub
+        self._topic = topic
+        self._heartbeat = heartbeat
+        self._entered: tuple[_Feed, Listener] | None = None
+
+    async def __aenter__(self) -> Listener:
+        self._entered = await self._hub._enter(self._topic, self._heartbeat)
+        return self._entered[1]
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._entered is not None:
+            feed, listener = self._entered
+            self._entered = None
+            self._hub._leave(feed, listener)
 
 
 def _alive(pid: int) -> bool:

@@ -23,8 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -151,26 +150,48 @@ class Limiter:
                 f"{identity.name!r} already has {limit} open streams", retry_after=1.0
             )
 
-    @asynccontextmanager
-    async def slot(self, identity: Identity) -> AsyncIterator[None]:
-        """Hold one of the identity's stream connections while the block runs.
+    def slot(self, identity: Identity) -> _Slot:
+        """``async with limiter.slot(identity)``: hold one of the identity's stream connections
+        while the block runs.
 
-        Raises:
+        Raises (on entering):
             RateLimited: the identity already holds its maximum.
         """
+        return _Slot(self, identity)
+
+    def _take_slot(self, identity: Identity) -> bool:
         self.check_slot(identity)
         if identity.kind == "anonymous":
-            yield
-            return
+            return False
         self._connections[identity.name] = self._connections.get(identity.name, 0) + 1
-        try:
-            yield
-        finally:
-            left = self._connections[identity.name] - 1
-            if left:
-                self._connections[identity.name] = left
-            else:
-                del self._connections[identity.name]
+        return True
+
+    def _release_slot(self, identity: Identity) -> None:
+        left = self._connections[identity.name] - 1
+        if left:
+            self._connections[identity.name] = left
+        else:
+            del self._connections[identity.name]
+
+
+class _Slot:
+    """What :meth:`Limiter.slot` returns. A class rather than ``@asynccontextmanager``, whose
+    generator would stay alive, with its frame, for as long as each stream connection."""
+
+    __slots__ = ("_identity", "_limiter", "_taken")
+
+    def __init__(self, limiter: Limiter, identity: Identity) -> None:
+        self._limiter = limiter
+        self._identity = identity
+        self._taken = False
+
+    async def __aenter__(self) -> None:
+        self._taken = self._limiter._take_slot(self._identity)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._taken:
+            self._taken = False
+            self._limiter._release_slot(self._identity)
 
 
 def current_limiter() -> Limiter:

@@ -92,8 +92,8 @@ STREAM_QUEUE_DEPTH = Gauge(
 )
 STREAM_LATENCY = Histogram(
     "loopgate_stream_delivery_latency_seconds",
-    "Time from Pub/Sub's publish time to writing the message to a subscriber (per frame, oldest "
-    "message of the frame).",
+    "Time from Pub/Sub's publish time to writing the message to a subscriber (the oldest message "
+    "of a frame; at most 100 frames per second and worker are sampled).",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 FANOUT_SUBSCRIPTIONS = Gauge(

@@ -18,11 +18,10 @@ they hold. The gate also bounds the number of stream connections of the worker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
@@ -104,15 +103,9 @@ class ConnectionGate:
                 retry_after=5,
             )
 
-    @contextlib.contextmanager
-    def connection(self) -> Iterator[None]:
-        """Hold one connection slot (raises like :meth:`admit`)."""
-        self.admit()
-        self.connections += 1
-        try:
-            yield
-        finally:
-            self.connections -= 1
+    def connection(self) -> _Held:
+        """``with gate.connection():`` holds one connection slot (raises like :meth:`admit`)."""
+        return _Held(self)
 
     async def aclose(self) -> None:
         self.close("the app is shutting down")
@@ -164,3 +157,24 @@ class HTTPConnection(ASGIHTTPConnection):
             raise
         await cancel_tasks(pending)
         raise_task_exceptions(done)
+
+
+class _Held:
+    """What :meth:`ConnectionGate.connection` returns. A class rather than ``@contextmanager``,
+    whose generator would stay alive, with its frame, for as long as each stream connection."""
+
+    __slots__ = ("_entered", "_gate")
+
+    def __init__(self, gate: ConnectionGate) -> None:
+        self._gate = gate
+        self._entered = False
+
+    def __enter__(self) -> None:
+        self._gate.admit()
+        self._gate.connections += 1
+        self._entered = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._entered:
+            self._entered = False
+            self._gate.connections -= 1

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 from hypercorn.typing import (
@@ -51,6 +51,10 @@ class ClientDisconnected(Exception):
     """The client went away before its request body was complete."""
 
 
+class BodyStalled(Exception):
+    """The client sent nothing of its request body for longer than the idle timeout."""
+
+
 def streams_body(view: F) -> F:
     """Mark a view whose handler reads the request body itself, through :func:`request_stream`."""
     setattr(view, _MARK, True)
@@ -73,17 +77,25 @@ class RequestStream:
         self.complete = False
         self.disconnected = False
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self, idle_timeout: float | None = None) -> AsyncIterator[bytes]:
         """Yield the body's chunks as they arrive; iterate once.
 
         Raises:
             ClientDisconnected: the client closed the connection before the body's end.
+            BodyStalled: nothing arrived for ``idle_timeout`` seconds.
         """
         if self._started:
             raise RuntimeError("a request body can be read only once")
         self._started = True
         while not self.complete:
-            message = await self._receive()
+            try:
+                async with asyncio.timeout(idle_timeout):
+                    message = await self._receive()
+            except TimeoutError:
+                self._released.set()  # Quart may read the channel again: the rest is dropped
+                raise BodyStalled(
+                    f"the client sent nothing of the body for {idle_timeout:g}s"
+                ) from None
             if message["type"] == "http.disconnect":
                 self.disconnected = True
                 self._released.set()
@@ -126,15 +138,20 @@ class StreamingBodies:
         self.asgi_app = asgi_app
         self._methods: frozenset[str] | None = None
 
-    async def __call__(
+    def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
+    ) -> Coroutine[Any, Any, None]:
+        # A plain function handing back the app's coroutine: a coroutine of its own would stay
+        # alive, with its frame, for as long as each connection (websockets included).
         if scope["type"] == "http" and self._streams(scope):
             stream = RequestStream(receive)
             scope = cast(Scope, {**scope, SCOPE_KEY: stream})
-            await self.asgi_app(scope, stream.receive_for_app, _finishing(stream, send))
+            result: Coroutine[Any, Any, None] = self.asgi_app(
+                scope, stream.receive_for_app, _finishing(stream, send)
+            )
         else:
-            await self.asgi_app(scope, receive, send)
+            result = self.asgi_app(scope, receive, send)
+        return result
 
     def _streams(self, scope: Any) -> bool:
         method = scope["method"]

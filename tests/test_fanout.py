@@ -18,7 +18,7 @@ from service import create_app
 from service.config import Settings
 from service.errors import TopicNotFound
 from service.fanout import FANOUT, Hub
-from service.listener import Listener
+from service.listener import Bell, Frame, Listener, websocket_texts
 
 
 @pytest.fixture
@@ -220,3 +220,108 @@ async def test_shutdown_closes_subscribers_with_1001_and_deletes(
             while _fanout_subscriptions(admin, hub, topic.name):
                 await asyncio.sleep(0.1)
     assert not hub._tasks
+
+
+def _frame(number: int) -> Frame:
+    text = json.dumps({"type": "message", "messageId": str(number)}, separators=(",", ":"))
+    return Frame(str(number), text, 0.0)
+
+
+async def test_messages_arriving_together_share_one_frame_built_once(
+    pubsub_emulator: Any, topic: Topic
+) -> None:
+    # A window far longer than the test: what arrives after the first flush waits for the next.
+    app = create_app(make_settings(stream_frame_rate=1, stream_max_coalesce_delay=60))
+    async with app.test_app():
+        hub = await _hub(app)
+        async with hub.subscribe(topic.name) as first, hub.subscribe(topic.name) as second:
+            hub.fanout(topic.name, [_frame(1)])  # after a quiet spell: handed over at once
+            hub.fanout(topic.name, [_frame(2)])
+            hub.fanout(topic.name, [_frame(3)])
+            for listener in (first, second):
+                batch = await asyncio.wait_for(listener.get(), WAIT)
+                assert [f.message_id for f in batch.frames] == ["1"]
+                assert len(listener) == 0
+            feed = hub._feeds[topic.name]
+            assert feed.flush is not None
+            feed.flush.cancel()
+            hub._flush(feed)  # the window's end, without waiting for it
+            batches = [await asyncio.wait_for(x.get(), WAIT) for x in (first, second)]
+    assert [[f.message_id for f in b.frames] for b in batches] == [["2", "3"], ["2", "3"]]
+    texts = [websocket_texts(b) for b in batches]
+    assert texts[0][0] is texts[1][0]  # one text for both connections
+    assert json.loads(texts[0][0]) == {
+        "type": "messages",
+        "messages": [{"type": "message", "messageId": "2"}, {"type": "message", "messageId": "3"}],
+    }
+
+
+async def test_cancelling_one_waiting_subscriber_does_not_disturb_the_others() -> None:
+    bell = Bell()
+    listeners = [
+        Listener("t", capacity=10, close_when_full=False, max_frame=10, bell=bell) for _ in "ab"
+    ]
+    cancelled = asyncio.ensure_future(listeners[0].get())
+    waiting = asyncio.ensure_future(listeners[1].get())
+    await asyncio.sleep(0)  # both wait on the bell's one future
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert not waiting.done()
+    listeners[1].put_many([_frame(1)])
+    batch = await asyncio.wait_for(waiting, WAIT)
+    assert [f.message_id for f in batch.frames] == ["1"]
+
+
+async def test_a_full_queue_worth_of_messages_is_handed_over_without_waiting(
+    pubsub_emulator: Any, topic: Topic
+) -> None:
+    app = create_app(
+        make_settings(stream_frame_rate=1, stream_max_coalesce_delay=60, stream_queue_size=3)
+    )
+    async with app.test_app():
+        hub = await _hub(app)
+        async with hub.subscribe(topic.name) as listener:
+            hub.fanout(topic.name, [_frame(1)])  # after a quiet spell: handed over at once
+            first = await asyncio.wait_for(listener.get(), WAIT)
+            hub.fanout(topic.name, [_frame(2)])
+            hub.fanout(topic.name, [_frame(3)])
+            assert len(listener) == 0  # waiting for the window's end
+            hub.fanout(topic.name, [_frame(4)])  # a full queue's worth: no more waiting
+            assert hub._feeds[topic.name].flush is None
+            rest = await asyncio.wait_for(listener.get(), WAIT)
+    assert [f.message_id for f in first.frames] == ["1"]
+    assert [f.message_id for f in rest.frames] == ["2", "3", "4"]
+    assert rest.dropped == 0
+
+
+class _Received:
+    """Stands for a Pub/Sub message of the streaming pull: records its ack."""
+
+    def __init__(self, listeners: list[Listener]) -> None:
+        self.listeners = listeners
+        self.queued_at_ack: list[int] | None = None
+
+    def ack(self) -> None:
+        self.queued_at_ack = [len(listener) for listener in self.listeners]
+
+
+async def test_a_message_is_acked_once_it_is_in_every_subscribers_queue(
+    pubsub_emulator: Any, topic: Topic
+) -> None:
+    app = create_app(make_settings(stream_frame_rate=1, stream_max_coalesce_delay=60))
+    async with app.test_app():
+        hub = await _hub(app)
+        async with hub.subscribe(topic.name) as first, hub.subscribe(topic.name) as second:
+            hub.fanout(topic.name, [_frame(1)])  # after a quiet spell: handed over at once
+            waiting = _Received([first, second])
+            hub.fanout(topic.name, [_frame(2)], [waiting])
+            assert waiting.queued_at_ack is None  # held for the window: not acked yet
+            feed = hub._feeds[topic.name]
+            assert feed.flush is not None
+            feed.flush.cancel()
+            hub._flush(feed)
+            assert waiting.queued_at_ack == [2, 2]  # both frames in both queues by then
+        nobody = _Received([])
+        hub.fanout(topic.name, [_frame(3)], [nobody])  # no subscriber here: acked at once
+        assert nobody.queued_at_ack == []

@@ -142,6 +142,9 @@ def test_hypercorn_toml_has_only_known_keys() -> None:
     assert config.graceful_timeout > 0
     assert config.keep_alive_timeout > 0
     assert config.accesslog is not None
+    # Hypercorn closes a connection whose client sends nothing for read_timeout seconds: that
+    # would cut off websocket and SSE subscribers, which only receive, and long downloads.
+    assert config.read_timeout is None
 
 
 async def test_wait_until_up_notices_a_dead_server(tmp_path: Path, pubsub_emulator: Any) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -669,3 +670,34 @@ def _socket_inodes(pid: int) -> set[str]:
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
     return inodes
+
+
+@pytest.mark.parametrize("length", [1 * MB, 64 * MB], ids=["one-request", "resumable"])
+async def test_server_an_upload_whose_client_goes_quiet_is_abandoned_with_408(
+    start_server: Callable[..., Awaitable[Server]],
+    storage_emulator: StorageEmulator,
+    bucket: str,
+    length: int,
+) -> None:
+    env = server_env(storage_emulator, bucket, LOOPGATE_UPLOAD_IDLE_TIMEOUT="1")
+    server = await start_server(env=env, workers=1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        f"PUT /v1/buckets/{bucket}/objects/quiet HTTP/1.1\r\nHost: loopgate\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n\r\n".encode()
+        + b"q" * (length // 4)
+    )
+    await writer.drain()
+    # ... and then nothing more, while keeping the connection open.
+    status_line = await asyncio.wait_for(reader.readline(), WAIT)
+    assert status_line.split()[1] == b"408", status_line
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    size = int(
+        next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[
+            1
+        ]
+    )
+    body = json.loads(await asyncio.wait_for(reader.readexactly(size), WAIT))
+    assert body["error"]["code"] == 408 and "nothing" in body["error"]["message"]
+    writer.close()
+    assert "quiet" not in _emulator_objects(storage_emulator, bucket)

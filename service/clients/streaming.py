@@ -5,10 +5,13 @@ generated async client is only the bare bidirectional RPC. Everything that makes
 dependable lives in the threaded client: lease management (modify-ack-deadline while a message is
 held, up to ``max_lease_duration``), flow control (at most ``max_messages`` outstanding), batched
 acks, and resuming the stream after retryable errors and server-side stream closes. Rewriting that on
-grpc.aio would be a few hundred lines of subtle code for no gain: its callback runs in a thread and
-only appends to a list and, once per batch, wakes the loop with ``call_soon_threadsafe``, which costs
-about a microsecond per message. Each :class:`StreamingPull` uses a one-thread executor for its
-callbacks (the callback does almost nothing), plus the client's own stream, lease and dispatch threads.
+grpc.aio would be a few hundred lines of subtle code for no gain (and on a busy loop grpc.aio is
+slower: each response takes several turns of the loop to reach the code, where the threaded client's
+batch takes one). Its callback runs in a thread and only appends to a list and, once per batch,
+wakes the loop with ``call_soon_threadsafe``, which costs about a microsecond per message. Each
+:class:`StreamingPull` uses a one-thread executor for its callbacks (the callback does almost
+nothing), or with ``inline=True`` runs them in the client's stream thread, plus the client's own
+stream, lease and dispatch threads.
 
 :class:`StreamingPull` supervises one subscription: when the stream ends with a non-retryable error
 (the subscription or its topic was deleted, an emulator restarted) it calls ``prepare`` (which may
@@ -30,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import queue
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +45,7 @@ from google.cloud.pubsub_v1.subscriber._protocol.streaming_pull_manager import (
 )
 from google.cloud.pubsub_v1.subscriber.futures import StreamingPullFuture
 from google.cloud.pubsub_v1.subscriber.message import Message
-from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
+from google.cloud.pubsub_v1.subscriber.scheduler import Scheduler, ThreadScheduler
 
 from ..registry import ClientSpec
 from .pubsub import CREDENTIALS, emulator_host
@@ -50,6 +54,28 @@ log = logging.getLogger("loopgate.streaming")
 
 RETRY_INITIAL = 0.2
 RETRY_MAX = 5.0
+
+
+class InlineScheduler(Scheduler):  # type: ignore[misc]
+    """Runs the subscriber's callback in the client's own thread, as each message is released.
+
+    For a callback that only hands the message over (as :meth:`StreamingPull._callback` does), a
+    thread pool adds a thread hop per message, and each hop waits for the GIL that a busy event
+    loop holds: under load that adds tens of milliseconds to every batch.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue()
+
+    @property
+    def queue(self) -> queue.Queue[Any]:
+        return self._queue
+
+    def schedule(self, callback: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        callback(*args, **kwargs)
+
+    def shutdown(self, await_msg_callbacks: bool = False) -> list[Message]:
+        return []
 
 
 class StreamingPull:
@@ -62,6 +88,8 @@ class StreamingPull:
         flow_control: the client's flow control (outstanding bound and maximum lease).
         prepare: awaited before every (re)start, e.g. to (re)create the subscription; an error
             in it is retried with backoff.
+        inline: hand messages over from the client's stream thread (:class:`InlineScheduler`)
+            instead of a one-thread executor.
     """
 
     def __init__(
@@ -71,12 +99,15 @@ class StreamingPull:
         on_messages: Callable[[list[Message]], None],
         flow_control: pubsub_v1.types.FlowControl,
         prepare: Callable[[], Awaitable[object]] | None = None,
+        *,
+        inline: bool = False,
     ) -> None:
         self.client = client
         self.subscription = subscription
         self._on_messages = on_messages
         self._flow_control = flow_control
         self._prepare = prepare
+        self._inline = inline
         self._loop = asyncio.get_running_loop()
         self._lock = threading.Lock()
         self._pending: list[Message] = []
@@ -125,12 +156,17 @@ class StreamingPull:
     def _subscribe(self) -> StreamingPullFuture:
         # What SubscriberClient.subscribe does, keeping the manager so that stop() can end the
         # stream gracefully. Its shutdown waits for a callback that is running: none runs after it.
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loopgate-pull")
+        scheduler: Scheduler
+        if self._inline:
+            scheduler = InlineScheduler()
+        else:
+            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loopgate-pull")
+            scheduler = ThreadScheduler(executor)
         self._manager = manager = StreamingPullManager(
             self.client,
             self.subscription,
             flow_control=self._flow_control,
-            scheduler=ThreadScheduler(executor),
+            scheduler=scheduler,
             await_callbacks_on_shutdown=True,
         )
         future = StreamingPullFuture(manager)

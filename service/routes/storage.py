@@ -70,7 +70,8 @@ def _setup(state: BlueprintSetupState) -> None:
 
 async def _request_chunks(limit: int) -> AsyncIterator[bytes]:
     stream = streaming.request_stream()
-    source = stream.chunks() if stream is not None else request.body
+    idle = current_settings().upload_idle_timeout
+    source = stream.chunks(idle) if stream is not None else request.body
     counter = metrics.STORAGE_BYTES.labels(direction="up")
     accepted = counted = 0
     try:
@@ -132,6 +133,12 @@ async def put_object(bucket: str, name: str) -> Response:
         refused = jsonify(error_body(400, "the client disconnected during the upload"))
         refused.status_code = 400
         return refused
+    except streaming.BodyStalled as exc:
+        log.info("upload of %s/%s abandoned: %s", bucket, name, exc)
+        stalled = jsonify(error_body(408, f"upload abandoned: {exc}"))
+        stalled.status_code = 408
+        stalled.headers["Connection"] = "close"
+        return stalled
     finally:
         metrics.STORAGE_TRANSFERS.labels(direction="up").dec()
     metadata = object_metadata(resource)

@@ -36,11 +36,12 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from google.api_core import exceptions as gexc
-from quart import Blueprint, Response, websocket
+from quart import Blueprint, Quart, Response, websocket
+from quart.asgi import ASGIWebsocketConnection
 from quart_schema import document_response
 
 from .. import metrics
@@ -63,10 +64,95 @@ def _subscribed(**fields: str) -> str:
     return json.dumps({"type": "subscribed", **fields})
 
 
-def _record(batch: Batch, deliveries: Any) -> None:
-    if batch.frames:
-        deliveries.inc(len(batch.frames))
-        metrics.STREAM_LATENCY.observe(max(0.0, time.time() - batch.frames[0].published))
+LATENCY_SAMPLES_PER_SECOND = 100
+_latency_due = [0.0]  # time.time() from which the next frame's latency is recorded
+
+
+def _record(batch: Batch, listener: Listener) -> None:
+    """Count the messages written (the hub adds them to the metric every second) and record the
+    latency of at most ``LATENCY_SAMPLES_PER_SECOND`` frames per worker: a metric update per frame
+    would cost about as much as writing the frame."""
+    frames = batch.frames
+    if frames:
+        listener.delivered += len(frames)
+        now = time.time()
+        if now >= _latency_due[0]:
+            _latency_due[0] = now + 1 / LATENCY_SAMPLES_PER_SECOND
+            metrics.STREAM_LATENCY.observe(max(0.0, now - frames[0].published))
+
+
+class ExposeWebsocketSend:
+    """ASGI middleware putting each websocket's ASGI ``send`` in its scope (``SEND_KEY``).
+
+    The stream routes write their frames with it: Quart's ``websocket.send`` yields to the loop,
+    re-checks the handshake and emits a signal on every frame, which costs as much as the rest of
+    the write.
+    """
+
+    def __init__(self, asgi_app: Callable[..., Any]) -> None:
+        self.asgi_app = asgi_app
+
+    def __call__(self, scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]:
+        # Not a coroutine of its own and no copy of the scope: either would hold about 1 KiB per
+        # connection for its whole life.
+        if scope["type"] == "websocket":
+            scope[SEND_KEY] = send
+        result: Coroutine[Any, Any, None] = self.asgi_app(scope, receive, send)
+        return result
+
+
+SEND_KEY = "loopgate.websocket_send"
+
+
+class _Inbox:
+    """The frames a websocket client sent, for ``websocket.receive()``: what Quart uses of an
+    ``asyncio.Queue``, in a list and at most one future. An ``asyncio.Queue`` holds three deques,
+    2.2 KiB for every connection, most of which never receive anything."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def put(self, item: Any) -> None:
+        self.put_nowait(item)
+
+    async def get(self) -> Any:
+        while not self._items:
+            waiter = self._waiter
+            if waiter is None or waiter.done():
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                # Receivers share the future: another one's cancellation cancels it too.
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise
+        return self._items.pop(0)
+
+
+class WebsocketConnection(ASGIWebsocketConnection):
+    """Quart's websocket connection with a lighter inbox (:class:`_Inbox`)."""
+
+    def __init__(self, app: Quart, scope: Any) -> None:
+        super().__init__(app, scope)
+        self.queue: Any = _Inbox()
+
+
+def install(app: Quart) -> None:
+    """Wrap ``app``'s ASGI callable once with :class:`ExposeWebsocketSend`, and use
+    :class:`WebsocketConnection` for its websockets."""
+    app.asgi_websocket_class = WebsocketConnection
+    if not isinstance(app.asgi_app, ExposeWebsocketSend):
+        app.asgi_app = ExposeWebsocketSend(app.asgi_app)  # type: ignore[method-assign]
 
 
 async def _read_and_ignore(listener: Listener) -> None:
@@ -86,7 +172,7 @@ async def topic_stream(topic: str) -> None:
         async with connection_slot(), hub.subscribe(topic) as listener:
             await websocket.accept()
             await websocket.send(_subscribed(topic=topic))
-            deliveries = metrics.STREAM_DELIVERIES.labels(topic=topic)
+            send: Any = websocket.scope.get(SEND_KEY)  # None: not served through create_app()
             reader = asyncio.ensure_future(_read_and_ignore(listener))
             try:
                 while True:
@@ -98,8 +184,11 @@ async def topic_stream(topic: str) -> None:
                         await websocket.close(closed.code, closed.reason)
                         return
                     for text in websocket_texts(batch):
-                        await websocket.send(text)
-                    _record(batch, deliveries)
+                        if send is None:
+                            await websocket.send(text)
+                        else:
+                            await send({"type": "websocket.send", "bytes": None, "text": text})
+                    _record(batch, listener)
             finally:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
@@ -133,14 +222,13 @@ async def topic_events(topic: str) -> Response:
                 hub.subscribe(topic, heartbeat=heartbeat) as listener,
             ):
                 yield f"retry: 1000\ndata: {_subscribed(topic=topic)}\n\n".encode()
-                deliveries = metrics.STREAM_DELIVERIES.labels(topic=topic)
                 while True:
                     try:
                         batch = await listener.get()
                     except StreamClosed:
                         return
                     yield _sse(batch)
-                    _record(batch, deliveries)
+                    _record(batch, listener)
 
     response = Response(
         events(),
