@@ -15,8 +15,8 @@ their default ratios, so cyclic garbage that outlived a few collections is still
 soon as before. Reference counting still frees almost everything a request allocates at once; the
 collector only finds cycles, which then wait a little longer. Same setup with this: a few dozen
 young collections and at most one full one, and the collector's total time fell about fivefold.
-On a quiet machine, 3 interleaved 10 s rounds of the no-op ceiling at 256 connections: 0.93 ms
-of worker CPU per request with the defaults, 0.76 ms settled (medians).
+In the publish benchmark (``bench/RESULTS.md``) the no-op route with these settings had a p99 of
+208 ms against 318 ms at 256 connections, in the same run; CPU per request moved within noise.
 Turned off with ``LOOPGATE_GC_TUNING=0``.
 """
 
