@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
@@ -227,13 +228,20 @@ def _frame(number: int) -> Frame:
     return Frame(str(number), text, 0.0)
 
 
+@contextlib.asynccontextmanager
+async def _windowed_hub(**overrides: Any) -> AsyncIterator[Hub]:
+    """A started app's hub whose coalescing window is far longer than any test."""
+    settings = make_settings(stream_frame_rate=1, stream_max_coalesce_delay=60, **overrides)
+    app = create_app(settings)
+    async with app.test_app():
+        yield await _hub(app)
+
+
 async def test_messages_arriving_together_share_one_frame_built_once(
     pubsub_emulator: Any, topic: Topic
 ) -> None:
-    # A window far longer than the test: what arrives after the first flush waits for the next.
-    app = create_app(make_settings(stream_frame_rate=1, stream_max_coalesce_delay=60))
-    async with app.test_app():
-        hub = await _hub(app)
+    # What arrives after the first flush waits for the next.
+    async with _windowed_hub() as hub:
         async with hub.subscribe(topic.name) as first, hub.subscribe(topic.name) as second:
             hub.fanout(topic.name, [_frame(1)])  # after a quiet spell: handed over at once
             hub.fanout(topic.name, [_frame(2)])
@@ -276,11 +284,7 @@ async def test_cancelling_one_waiting_subscriber_does_not_disturb_the_others() -
 async def test_a_full_queue_worth_of_messages_is_handed_over_without_waiting(
     pubsub_emulator: Any, topic: Topic
 ) -> None:
-    app = create_app(
-        make_settings(stream_frame_rate=1, stream_max_coalesce_delay=60, stream_queue_size=3)
-    )
-    async with app.test_app():
-        hub = await _hub(app)
+    async with _windowed_hub(stream_queue_size=3) as hub:
         async with hub.subscribe(topic.name) as listener:
             hub.fanout(topic.name, [_frame(1)])  # after a quiet spell: handed over at once
             first = await asyncio.wait_for(listener.get(), WAIT)
@@ -309,9 +313,7 @@ class _Received:
 async def test_a_message_is_acked_once_it_is_in_every_subscribers_queue(
     pubsub_emulator: Any, topic: Topic
 ) -> None:
-    app = create_app(make_settings(stream_frame_rate=1, stream_max_coalesce_delay=60))
-    async with app.test_app():
-        hub = await _hub(app)
+    async with _windowed_hub() as hub:
         async with hub.subscribe(topic.name) as first, hub.subscribe(topic.name) as second:
             hub.fanout(topic.name, [_frame(1)])  # after a quiet spell: handed over at once
             waiting = _Received([first, second])
