@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import os
 import platform
 import statistics
@@ -31,7 +30,7 @@ from service.auth_tokens import entry_toml, new_token
 from service.dev.emulators import StorageEmulator, free_port
 from service.dev.servers import hypercorn_command, stop_process
 
-from .harness import commit, write_section
+from .harness import commit, create_bucket, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -101,17 +100,6 @@ def start_loopgate(
             time.sleep(0.2)
     process.kill()
     raise RuntimeError("hypercorn did not start")
-
-
-def create_bucket(emulator: StorageEmulator) -> None:
-    request = urllib.request.Request(
-        f"{emulator.url}/storage/v1/b?project=bench",
-        data=json.dumps({"name": BUCKET}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=10):
-        pass
 
 
 async def _all(operations: Iterable[Awaitable[None]]) -> None:
@@ -263,7 +251,7 @@ def main() -> int:
     server: subprocess.Popen[bytes] | None = None
     scratch = tempfile.TemporaryDirectory(prefix="loopgate-bench-")
     try:
-        create_bucket(emulator)
+        create_bucket(emulator.url, BUCKET)
         token = new_token()
         token_file = Path(scratch.name) / "tokens.toml"
         scopes = [f"storage:read:{BUCKET}", f"storage:write:{BUCKET}"]
