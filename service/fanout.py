@@ -20,11 +20,13 @@ whose topic was deleted.
 Each received batch is serialized once (:func:`~service.listener.encode_message`), put in every
 local subscriber's bounded queue, at most once per ``subscribers / stream_frame_rate`` seconds so
 that messages arriving close together share one websocket frame (see :meth:`Hub.fanout`), and
-acked once it is there. A full queue drops its oldest messages (the client is told how many)
-or closes the connection with 1013, per ``stream_slow_policy``; it never delays the other
-subscribers. The streaming pull resumes by itself after errors (see
-:mod:`service.clients.streaming`); when the subscription is gone (an emulator restart, a deleted
-topic) it is created again, and connected subscribers receive again once it is back.
+acked once it is there. A message that reaches the worker during a round of writes joins that
+round for the connections it has not reached yet (:meth:`Hub._refill`). A full queue drops its
+oldest messages (the client is told how many) or closes the connection with 1013, per
+``stream_slow_policy``; it never delays the other subscribers. The streaming pull resumes by itself
+after errors (see :mod:`service.clients.streaming`); when the subscription is gone (an emulator
+restart, a deleted topic) it is created again, and connected subscribers receive again once it is
+back.
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ class _Feed:
     flush: asyncio.TimerHandle | None = None
     flushed: float = float("-inf")
     bell: Bell = field(default_factory=Bell)
+    chunk: Chunk | None = None  # what the last hand-over put in every queue that was empty
+    unrung: bool = False  # queues were filled while the bell's round was under way
     subscribers_gauge: Any = None
     drops: Any = None
     deliveries: Any = None
@@ -196,6 +200,7 @@ class Hub:
 
     def _open(self, topic: str) -> _Feed:
         feed = _Feed(topic, self.subscription_path(topic))
+        feed.bell.refill = lambda: self._refill(feed)
         feed.subscribers_gauge = metrics.STREAM_SUBSCRIBERS.labels(topic=topic)
         feed.drops = metrics.STREAM_DROPS.labels(topic=topic, reason="dropped")
         feed.deliveries = metrics.STREAM_DELIVERIES.labels(topic=topic)
@@ -291,19 +296,56 @@ class Hub:
     def _flush(self, feed: _Feed) -> None:
         feed.flush = None
         feed.flushed = self._loop.time()
+        self._collect(feed)
+        if feed.pending:
+            self._hand_over(feed)
+        elif not feed.unrung:
+            return
+        feed.unrung = False
+        feed.bell.ring()
+
+    def _collect(self, feed: _Feed) -> None:
+        """Take what the stream thread handed over whose wake-up has not run yet: a loop busy
+        writing runs timers and running tasks first, and these would wait for the next round."""
+        if feed.pull is not None and feed.pull.arrived:
+            arrived = feed.pull.collect()
+            feed.pending.extend(encode_message(message) for message in arrived)
+            feed.unacked.extend(arrived)
+
+    def _hand_over(self, feed: _Feed, *, extend: bool = False) -> None:
+        """Put the pending frames in every subscriber's queue, then ack their messages."""
         frames, feed.pending = feed.pending, []
         unacked, feed.unacked = feed.unacked, []
-        if not frames:
-            return
         chunk = Chunk(frames)
+        extending = None
+        if extend and feed.chunk is not None:
+            extending = (feed.chunk, Chunk(feed.chunk.frames + frames))
         dropped = 0
         for listener in tuple(feed.listeners):
-            dropped += listener.put_many(frames, chunk, wake=False)
-        feed.bell.ring()
+            dropped += listener.put_many(frames, chunk, wake=False, extending=extending)
+        feed.chunk = chunk
         for message in unacked:
             message.ack()
         if dropped:
             feed.drops.inc(dropped)
+
+    def _refill(self, feed: _Feed) -> None:
+        """Called by each subscriber as it wakes to write: messages that arrived while the loop
+        was writing this round go into every queue now. Subscribers further along the round send
+        them in the frame they are about to write; the others get them when the round they started
+        ends (the bell rings then), not a round later."""
+        if feed.pull is None or not feed.pull.arrived or not feed.listeners:
+            return
+        self._collect(feed)
+        self._hand_over(feed, extend=True)
+        feed.unrung = True
+        if feed.flush is None:
+            interval = min(
+                self.settings.stream_max_coalesce_delay,
+                len(feed.listeners) / self.settings.stream_frame_rate,
+            )
+            delay = max(0.0, feed.flushed + interval - self._loop.time())
+            feed.flush = self._loop.call_later(delay, self._flush, feed)
 
     # -- retiring subscriptions -----------------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -59,13 +60,16 @@ class Bell:
     """Wakes every idle subscriber of a topic with one future: a woken task re-checks its queue.
 
     Waking thousands of connections one future each costs more than the frames they then write.
+    ``refill``, when set, is called by each subscriber as it wakes, before it reads its queue: the
+    hub uses it to hand over messages that arrived while the loop was busy writing.
     """
 
-    __slots__ = ("_future", "_loop")
+    __slots__ = ("_future", "_loop", "refill")
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._future: asyncio.Future[None] | None = None
+        self.refill: Callable[[], None] | None = None
 
     def future(self) -> asyncio.Future[None]:
         if self._future is None or self._future.done():
@@ -178,15 +182,27 @@ class Listener:
         return len(self._queue)
 
     def put_many(
-        self, frames: list[Frame], chunk: Chunk | None = None, *, wake: bool = True
+        self,
+        frames: list[Frame],
+        chunk: Chunk | None = None,
+        *,
+        wake: bool = True,
+        extending: tuple[Chunk, Chunk] | None = None,
     ) -> int:
         """Queue ``frames`` (the frames of ``chunk``, if given, whose text is then shared);
         returns how many messages the slow-consumer policy dropped. With ``wake=False`` the
-        caller rings the listeners' :class:`Bell` itself."""
+        caller rings the listeners' :class:`Bell` itself. ``extending``, ``(previous, joined)``:
+        a queue still holding exactly ``previous`` shares ``joined``, previous' frames and these.
+        """
         if self.closed is not None:
             return 0
         queue = self._queue
-        self._chunk = chunk if not queue else None
+        if not queue:
+            self._chunk = chunk
+        elif extending is not None and self._chunk is extending[0]:
+            self._chunk = extending[1]
+        else:
+            self._chunk = None
         queue.extend(frames)
         excess = len(queue) - self.capacity
         if excess > 0:
@@ -229,7 +245,10 @@ class Listener:
         Raises:
             StreamClosed: the server ended the stream.
         """
+        bell = self._bell
         while True:
+            if bell is not None and bell.refill is not None:
+                bell.refill()
             if self.closed is not None:
                 raise self.closed
             queue = self._queue
@@ -248,14 +267,14 @@ class Listener:
                 self._heartbeat_due = False
                 self.last_write = self._loop.time()
                 return Batch([], 0, True)
-            self._waiter = self._bell.future() if self._bell else self._loop.create_future()
+            self._waiter = bell.future() if bell is not None else self._loop.create_future()
             try:
                 await self._waiter
             except asyncio.CancelledError:
                 # A task cancelled while awaiting the bell's shared future cancels that future
                 # too: for the other listeners that is only a ring.
                 task = asyncio.current_task()
-                if self._bell is None or task is None or task.cancelling():
+                if bell is None or task is None or task.cancelling():
                     raise
             finally:
                 self._waiter = None

@@ -185,6 +185,22 @@ class StreamingPull:
         except RuntimeError:  # the loop is closed: the message is redelivered elsewhere
             message.nack()
 
+    @property
+    def arrived(self) -> bool:
+        """Whether messages wait in the hand-over whose wake-up has not run yet."""
+        return bool(self._pending)
+
+    def collect(self) -> list[Message]:
+        """Take the messages waiting in the hand-over now, before their wake-up runs.
+
+        The caller settles them like a batch passed to ``on_messages``; the wake-up then finds
+        nothing. A loop busy writing runs its timers and its running tasks before the wake-up,
+        so a consumer about to write (the fan-out) calls this not to leave them for its next round.
+        """
+        with self._lock:
+            batch, self._pending = self._pending, []
+        return batch
+
     def _drain(self) -> None:
         with self._lock:
             batch, self._pending = self._pending, []
