@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     publish_max_messages: int = Field(default=1000, ge=1, le=1000)
     publish_max_bytes: int = Field(default=4_000_000, ge=1024, le=10_000_000)
     publish_max_latency: float = Field(default=0.005, ge=0, le=1.0)
+    publish_max_in_flight: int = Field(
+        default=1,
+        ge=1,
+        le=100,
+        description="Pub/Sub calls in flight per topic (and ordering key) before a batch that is "
+        "not full waits for an answer.",
+    )
     publish_timeout: float = Field(default=30.0, gt=0)
     publish_max_pending_messages: int = Field(default=100_000, ge=1)
     publish_max_pending_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)

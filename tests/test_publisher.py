@@ -244,3 +244,52 @@ async def test_one_request_of_mixed_keys_splits_by_key_count_and_bytes(
     assert spy.calls.count(1) >= 3  # "b" alone, and the two "big" ones apart (2 x 600 > 1,024 B)
     assert publisher.pending_messages == 0
     await registry.aclose()
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 2])
+async def test_a_batch_that_is_not_full_waits_for_an_answer_at_the_in_flight_cap(
+    pubsub_emulator: Any, topic: Topic, max_in_flight: int
+) -> None:
+    registry, publisher = await publisher_with(
+        pubsub_emulator, publish_max_latency=0.01, publish_max_in_flight=max_in_flight
+    )
+    first_sent, release = asyncio.Event(), asyncio.Event()
+    try:
+        spy = CountingClient(publisher.client)
+
+        async def held_first(*, request: Any, retry: Any, timeout: float) -> Any:
+            spy.calls.append(len(request.messages))
+            if not first_sent.is_set():
+                first_sent.set()
+                await release.wait()
+            return await spy.real.publish(request=request, retry=retry, timeout=timeout)
+
+        spy.publish = held_first  # type: ignore[method-assign]
+        publisher._client = spy  # type: ignore[assignment]
+        timer_fired = asyncio.Event()
+        on_timer = publisher._on_timer
+
+        def spied_timer(key: tuple[str, str]) -> None:
+            on_timer(key)
+            timer_fired.set()
+
+        publisher._on_timer = spied_timer  # type: ignore[method-assign]
+        first = asyncio.create_task(publisher.publish(path(topic), [RAW_MESSAGE(data=b"a")]))
+        await asyncio.wait_for(first_sent.wait(), 10)  # nothing was in flight: sent at once
+        later = [
+            asyncio.create_task(publisher.publish(path(topic), [RAW_MESSAGE(data=d)]))
+            for d in (b"b", b"c")
+        ]
+        await asyncio.wait_for(timer_fired.wait(), 10)  # max_latency has passed
+        await asyncio.sleep(0)  # a call started by the timer has reached the spy
+        if max_in_flight == 1:
+            assert spy.calls == [1]  # still gathering: the first call is unanswered
+        else:
+            assert spy.calls == [1, 2]  # below the cap: it went after max_latency
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, *later), 10)
+        assert spy.calls == [1, 2]  # b and c in one call either way
+        assert sorted(m.data for m in topic.received(3)) == [b"a", b"b", b"c"]
+    finally:
+        release.set()
+        await registry.aclose()

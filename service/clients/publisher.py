@@ -2,9 +2,12 @@
 
 Requests hand their messages to :meth:`Publisher.publish` and await the message ids. Messages are
 gathered per topic (and per ordering key) into batches. Batching adapts to load: when nothing of the
-key is in flight, a batch goes at the next loop turn (no added latency when idle); while batches are
-in flight, the next one gathers messages until an answer comes back, ``max_latency`` passes, or it
-holds ``max_messages`` / ``max_bytes``. At most ``MAX_CONCURRENT_BATCHES`` go out per key unless full.
+key is in flight, a batch goes at the next loop turn (no added latency when idle). While a batch is
+in flight, the next one gathers messages until it is full (``max_messages`` / ``max_bytes``: it goes
+at once) or an answer comes back; with ``max_in_flight`` above one (the default is one), it also goes
+after ``max_latency`` while fewer than that many batches of its key are in flight. Every call costs
+CPU here and in Pub/Sub whatever its size, so under load few large calls serve more requests than
+many small ones.
 Batches of one ordering key are sent one after the other, so the key's order holds, and when one
 fails the batches queued behind it fail too rather than overtake it.
 
@@ -47,8 +50,6 @@ RAW_MESSAGE: Any = PubsubMessage.pb()
 RAW_REQUEST: Any = PublishRequest.pb()
 RAW_RESPONSE_OF: Any = PublishResponse.pb  # the protobuf inside a proto-plus response
 
-# Batches of one (topic, ordering key) in flight at once before new ones wait for an answer.
-MAX_CONCURRENT_BATCHES = 4
 
 TRANSIENT = (
     gexc.ServiceUnavailable,
@@ -65,6 +66,7 @@ class BatchSettings:
     max_messages: int = 1000
     max_bytes: int = 4_000_000
     max_latency: float = 0.005
+    max_in_flight: int = 1
     timeout: float = 30.0
     max_pending_messages: int = 100_000
     max_pending_bytes: int = 128 * 1024 * 1024
@@ -220,9 +222,10 @@ class Publisher:
         return end
 
     def _on_timer(self, key: tuple[str, str]) -> None:
-        # At the concurrency cap the batch waits for the next answer of its key instead (see
-        # _on_sent): under CPU saturation more concurrent calls would only shrink batches.
-        if self._busy.get(key, 0) < MAX_CONCURRENT_BATCHES:
+        # At the in-flight cap the batch waits for the next answer of its key instead (see
+        # _on_sent): more concurrent calls would only shrink batches, and every call costs CPU
+        # here and in Pub/Sub whatever its size.
+        if self._busy.get(key, 0) < self._settings.max_in_flight:
             self._seal(key)
 
     def _seal(self, key: tuple[str, str]) -> None:

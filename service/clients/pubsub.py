@@ -69,6 +69,7 @@ async def create_publisher() -> Publisher:
             max_messages=settings.publish_max_messages,
             max_bytes=settings.publish_max_bytes,
             max_latency=settings.publish_max_latency,
+            max_in_flight=settings.publish_max_in_flight,
             timeout=settings.publish_timeout,
             max_pending_messages=settings.publish_max_pending_messages,
             max_pending_bytes=settings.publish_max_pending_bytes,
