@@ -12,7 +12,13 @@ from google.api_core import exceptions as gexc
 
 from service import Registry
 from service.clients import PUBLISHER, builtin_clients
-from service.clients.publisher import RAW_MESSAGE, Publisher
+from service.clients.publisher import (
+    RAW_MESSAGE,
+    RAW_REQUEST,
+    OutgoingMessage,
+    Publisher,
+    wire_size,
+)
 from service.errors import BackendError, ForeignLoopError, PublisherOverloaded, TopicNotFound
 
 
@@ -293,3 +299,21 @@ async def test_a_batch_that_is_not_full_waits_for_an_answer_at_the_in_flight_cap
     finally:
         release.set()
         await registry.aclose()
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        OutgoingMessage(b""),
+        OutgoingMessage(b"x" * 200),
+        OutgoingMessage(b"x" * 20_000, {"k": "v", "ключ": "значение" * 100}, "ordering-κ"),
+        OutgoingMessage(b"", {f"k{i}": "v" * 1024 for i in range(100)}, "k" * 1024),
+    ],
+)
+def test_wire_size_bounds_what_a_message_adds_to_a_request(message: OutgoingMessage) -> None:
+    # Batches are cut by this bound, so that a call never exceeds Pub/Sub's request size.
+    request = RAW_REQUEST(topic="projects/p/topics/t")
+    empty = request.ByteSize()
+    added = request.messages.add(data=message.data, ordering_key=message.ordering_key)
+    added.attributes.update(message.attributes or {})
+    assert request.ByteSize() - empty <= wire_size(message)

@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from google.api_core import exceptions as gexc
 from google.api_core.retry import AsyncRetry, if_exception_type
@@ -45,10 +45,36 @@ from ..errors import (
 
 log = logging.getLogger("loopgate.publisher")
 
-RawMessage = Any  # google.pubsub.v1.PubsubMessage, the raw protobuf class
 RAW_MESSAGE: Any = PubsubMessage.pb()
 RAW_REQUEST: Any = PublishRequest.pb()
 RAW_RESPONSE_OF: Any = PublishResponse.pb  # the protobuf inside a proto-plus response
+
+
+class OutgoingMessage(NamedTuple):
+    """A message to publish. A raw ``PubsubMessage`` protobuf has the same three fields and is
+    accepted too."""
+
+    data: bytes
+    attributes: dict[str, str] | None = None
+    ordering_key: str = ""
+
+
+def wire_size(message: Any) -> int:
+    """A bound on the bytes ``message`` takes in a publish request (tags and lengths counted at
+    their largest)."""
+    size = len(message.data) + 12
+    attributes = message.attributes
+    if attributes:
+        for key, value in attributes.items():
+            size += _utf8_len(key) + _utf8_len(value) + 18
+    key = message.ordering_key
+    if key:
+        size += _utf8_len(key) + 6
+    return size
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())
 
 
 TRANSIENT = (
@@ -96,13 +122,20 @@ class _Request:
 
 @dataclass
 class _Batch:
+    """One publish call being gathered: messages go straight into its request, so they are
+    built once, not built by the caller and copied into the request."""
+
     topic: str
     ordering_key: str
-    messages: list[RawMessage] = field(default_factory=list)
+    request: Any = None  # a raw PublishRequest protobuf
+    count: int = 0
     # (caller, index of its first message, count): each caller's run of messages in this batch
     owners: list[tuple[_Request, int, int]] = field(default_factory=list)
     size: int = 0
     timer: asyncio.Handle | None = None
+
+    def __post_init__(self) -> None:
+        self.request = RAW_REQUEST(topic=self.topic)
 
 
 class Publisher:
@@ -136,8 +169,8 @@ class Publisher:
     def pending_messages(self) -> int:
         return self._pending_messages
 
-    async def publish(self, topic: str, messages: Sequence[RawMessage]) -> list[str]:
-        """Publish ``messages`` (raw ``PubsubMessage`` protobufs) to ``topic`` (a full path).
+    async def publish(self, topic: str, messages: Sequence[OutgoingMessage]) -> list[str]:
+        """Publish ``messages`` to ``topic`` (a full path).
 
         Returns the message ids in the order of ``messages``.
 
@@ -151,7 +184,7 @@ class Publisher:
             raise ForeignLoopError("publisher")
         if self._closed:
             raise ClientUnavailable("publisher", "the service is shutting down")
-        sizes = [message.ByteSize() for message in messages]
+        sizes = [wire_size(message) for message in messages]
         total = sum(sizes)
         settings = self._settings
         if (
@@ -177,7 +210,7 @@ class Publisher:
     def _add(
         self,
         topic: str,
-        messages: Sequence[RawMessage],
+        messages: Sequence[OutgoingMessage],
         sizes: list[int],
         request: _Request,
         start: int,
@@ -191,8 +224,7 @@ class Publisher:
         batch = self._open.get(key)
         settings = self._settings
         if batch is not None and (
-            len(batch.messages) >= settings.max_messages
-            or batch.size + sizes[start] > settings.max_bytes
+            batch.count >= settings.max_messages or batch.size + sizes[start] > settings.max_bytes
         ):
             self._seal(key)
             batch = None
@@ -205,7 +237,7 @@ class Publisher:
                 batch.timer = self._loop.call_soon(self._seal, key)
             else:
                 batch.timer = self._loop.call_later(settings.max_latency, self._on_timer, key)
-        room = settings.max_messages - len(batch.messages)
+        room = settings.max_messages - batch.count
         size = batch.size + sizes[start]  # the first message always goes in, however large
         end = start + 1
         limit = min(len(messages), start + room)
@@ -214,10 +246,19 @@ class Publisher:
                 break
             size += sizes[end]
             end += 1
-        batch.messages.extend(messages[start:end])
+        add = batch.request.messages.add
+        for index in range(start, end):
+            message = messages[index]
+            if message.attributes:
+                add(data=message.data, ordering_key=ordering_key).attributes.update(
+                    message.attributes
+                )
+            else:
+                add(data=message.data, ordering_key=ordering_key)
+        batch.count += end - start
         batch.owners.append((request, start, end - start))
         batch.size = size
-        if len(batch.messages) >= settings.max_messages or size >= settings.max_bytes:
+        if batch.count >= settings.max_messages or size >= settings.max_bytes:
             self._seal(key)
         return end
 
@@ -268,9 +309,9 @@ class Publisher:
         self._release(batch)
 
     def _release(self, batch: _Batch) -> None:
-        self._pending_messages -= len(batch.messages)
+        self._pending_messages -= batch.count
         self._pending_bytes -= batch.size
-        metrics.PUBLISH_PENDING.dec(len(batch.messages))
+        metrics.PUBLISH_PENDING.dec(batch.count)
 
     def _forget_tail(self, key: tuple[str, str], task: asyncio.Future[bool]) -> None:
         if self._key_tails.get(key) is task:
@@ -283,10 +324,9 @@ class Publisher:
                 await asyncio.wait([previous])
                 if previous.cancelled() or not previous.result():
                     raise _ordering_error(batch.ordering_key)
-            request = RAW_REQUEST(topic=batch.topic, messages=batch.messages)
             try:
                 response = await self._client.publish(
-                    request=PublishRequest.wrap(request),
+                    request=PublishRequest.wrap(batch.request),
                     retry=self._retry,
                     timeout=min(60.0, self._settings.timeout),
                 )
@@ -303,7 +343,7 @@ class Publisher:
                     f"publish did not succeed within {self._settings.timeout:g}s: {cause}",
                 ) from exc
             ids = list(RAW_RESPONSE_OF(response).message_ids)
-            if len(ids) != len(batch.messages):
+            if len(ids) != batch.count:
                 raise BackendError("pubsub", "publish answered a wrong number of message ids")
             metrics.PUBLISH_BATCH_SIZE.observe(len(ids))
             metrics.PUBLISH_MESSAGES.inc(len(ids))

@@ -13,17 +13,18 @@ import json
 import re
 from binascii import a2b_base64
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, NotRequired
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, with_config
 from quart import Blueprint, Response, request
 from quart_schema import document_request, document_response
+from typing_extensions import TypedDict  # pydantic reads typing's only from Python 3.12
 from werkzeug.exceptions import RequestTimeout
 
 from .. import metrics
 from ..auth import requires
 from ..clients import get_publisher
-from ..clients.publisher import RAW_MESSAGE
+from ..clients.publisher import OutgoingMessage
 from ..errors import (
     ErrorResponse,
     InvalidArgument,
@@ -45,35 +46,40 @@ MAX_ORDERING_KEY_BYTES = 1024
 TOPIC_NAME = re.compile(r"[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}")
 
 
-class Message(BaseModel):
+@with_config(ConfigDict(extra="forbid"))
+class Message(TypedDict):
     """A Pub/Sub message as in Pub/Sub's REST API."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    data: str | None = Field(default=None, description="The payload, base64-encoded.")
-    attributes: dict[str, str] | None = Field(default=None, max_length=MAX_ATTRIBUTES)
-    orderingKey: str | None = Field(default=None, description="Messages of one key keep order.")
+    data: NotRequired[Annotated[str | None, Field(description="The payload, base64-encoded.")]]
+    attributes: NotRequired[Annotated[dict[str, str] | None, Field(max_length=MAX_ATTRIBUTES)]]
+    orderingKey: NotRequired[
+        Annotated[str | None, Field(description="Messages of one key keep order.")]
+    ]
     # Output-only fields of Pub/Sub's message; accepted and ignored, as Pub/Sub does.
-    messageId: str | None = None
-    publishTime: str | None = None
+    messageId: NotRequired[str | None]
+    publishTime: NotRequired[str | None]
 
 
-class PublishRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@with_config(ConfigDict(extra="forbid"))
+class PublishRequest(TypedDict):
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
 
-    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+
+# Typed dicts rather than models: validating into plain dicts takes about half the time of
+# building a model per message, which matters at a thousand messages per request.
+REQUEST_ADAPTER: TypeAdapter[PublishRequest] = TypeAdapter(PublishRequest)
 
 
-def to_raw_messages(body: PublishRequest) -> list[Any]:
-    """Check what the schema cannot express and build the protobuf messages, in one pass.
+def to_outgoing(body: PublishRequest) -> list[OutgoingMessage]:
+    """Check what the schema cannot express and decode the messages, in one pass.
 
     Raises:
         InvalidArgument: naming the first bad field, as ``messages.<i>.<field>``.
     """
-    raw: list[Any] = []
-    append = raw.append
-    for index, message in enumerate(body.messages):
-        encoded = message.data
+    outgoing: list[OutgoingMessage] = []
+    append = outgoing.append
+    for index, message in enumerate(body["messages"]):
+        encoded = message.get("data")
         data = b""
         if encoded:
             try:
@@ -81,20 +87,16 @@ def to_raw_messages(body: PublishRequest) -> list[Any]:
                 data = a2b_base64(encoded, strict_mode=True)
             except (binascii.Error, ValueError):
                 raise _invalid(index, "data", "not valid base64") from None
-        attributes = message.attributes
-        pb = RAW_MESSAGE(data=data)
+        attributes = message.get("attributes")
         if attributes:
             _check_attributes(index, attributes)
-            pb.attributes.update(attributes)
         elif not data:
             raise _invalid(index, None, "a message needs non-empty data or at least one attribute")
-        ordering_key = message.orderingKey
-        if ordering_key:
-            if _utf8_longer(ordering_key, MAX_ORDERING_KEY_BYTES):
-                raise _invalid(index, "orderingKey", f"longer than {MAX_ORDERING_KEY_BYTES} bytes")
-            pb.ordering_key = ordering_key
-        append(pb)
-    return raw
+        ordering_key = message.get("orderingKey") or ""
+        if ordering_key and _utf8_longer(ordering_key, MAX_ORDERING_KEY_BYTES):
+            raise _invalid(index, "orderingKey", f"longer than {MAX_ORDERING_KEY_BYTES} bytes")
+        append(OutgoingMessage(data, attributes or None, ordering_key))
+    return outgoing
 
 
 def _check_attributes(index: int, attributes: dict[str, str]) -> None:
@@ -167,10 +169,10 @@ async def _publish(topic: str) -> Response:
     check_topic(topic)
     try:
         # Validated straight from the bytes by pydantic-core: no separate JSON parse.
-        body = PublishRequest.model_validate_json(await _body())
+        body = REQUEST_ADAPTER.validate_json(await _body())
     except ValidationError as exc:
         raise InvalidArgument(describe_validation_error(exc)) from None
-    messages = to_raw_messages(body)
+    messages = to_outgoing(body)
     try:
         publisher = await get_publisher()
         ids = await publisher.publish(current_settings().topic_path(topic), messages)
