@@ -64,6 +64,7 @@ def start_server(mode: str, rate: float, log: Path) -> tuple[subprocess.Popen[by
             "BENCH_TOPIC": TOPIC,
             "BENCH_RATE": str(rate),
             "PROMETHEUS_MULTIPROC_DIR": str(log.parent / f"metrics-{port}"),
+            "LOOPGATE_STREAM_COMPRESSION": os.environ.get("BENCH_SERVER_COMPRESSION", "0"),
         }
     )
     os.makedirs(env["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
@@ -328,9 +329,24 @@ def main() -> int:
         "--idle", type=int, default=5000, help="idle websockets for the memory measure (0: skip)"
     )
     parser.add_argument(
+        "--offer-compression",
+        action="store_true",
+        help="clients offer permessage-deflate, as browsers do",
+    )
+    parser.add_argument(
+        "--compression",
+        action="store_true",
+        help="the server accepts permessage-deflate (LOOPGATE_STREAM_COMPRESSION=1)",
+    )
+    parser.add_argument(
         "--write", action="store_true", help="replace the Streams section of bench/RESULTS.md"
     )
     args = parser.parse_args()
+    if args.write and (args.offer_compression or args.compression):
+        parser.error("--write records the default setup: run the compression variants without it")
+    # Read by the load client and by start_server.
+    os.environ["BENCH_OFFER_DEFLATE"] = "1" if args.offer_compression else "0"
+    os.environ["BENCH_SERVER_COMPRESSION"] = "1" if args.compression else "0"
     sys.path.insert(0, str(ROOT))
     from service.dev.emulators import PubSubEmulator
 

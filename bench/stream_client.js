@@ -1,6 +1,7 @@
 // Load client for bench/stream.py: N websocket subscribers on one URL. Counts messages and measures
 // publish-to-receive latency from each message's publishTime. Prints one JSON line, then exits.
 // usage: node stream_client.js URL CLIENTS WARMUP_S MEASURE_S
+// BENCH_OFFER_DEFLATE=1 makes the clients offer permessage-deflate, as browsers do.
 "use strict";
 const WebSocket = require("ws");
 const [url, clients, warmup, measure] = [process.argv[2], +process.argv[3], +process.argv[4], +process.argv[5]];
@@ -21,7 +22,7 @@ const sockets = [];
 let i = 0;
 function connectSome() {
   for (let k = 0; k < 200 && i < clients; k++, i++) {
-    const ws = new WebSocket(url, { perMessageDeflate: false });
+    const ws = new WebSocket(url, { perMessageDeflate: process.env.BENCH_OFFER_DEFLATE === "1" });
     ws.on("open", () => { open++; });
     ws.on("message", onMessage);
     ws.on("error", () => { failed++; });

@@ -113,6 +113,10 @@ class Settings(BaseSettings):
         description="Close a connection without traffic either way (0: never).",
     )
     stream_heartbeat: float = Field(default=15.0, gt=0, description="SSE comment interval.")
+    stream_compression: bool = Field(
+        default=False,
+        description="Accept permessage-deflate from websocket clients that offer it (Hypercorn).",
+    )
     fanout_prefix: str = Field(default="loopgate", pattern=r"^[a-z][a-z0-9-]{0,30}$")
     fanout_grace: float = Field(
         default=30.0, ge=0, description="Keep a topic's subscription after its last subscriber."

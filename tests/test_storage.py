@@ -226,7 +226,7 @@ async def test_buckets_outside_the_allowlist(
         body = await response.get_json()
         assert response.status_code == 404, body
         assert "not served here" in body["error"]["message"]
-    assert _emulator_objects(storage_emulator, OTHER_BUCKET) == []
+    assert await _emulator_objects(storage_emulator, OTHER_BUCKET) == []
 
     # Allowed, but missing at the backend: the backend's 404.
     response = await client.get(path(f"missing-bucket-{bucket}"))
@@ -251,7 +251,7 @@ async def test_body_over_the_limit_is_refused(
             await connection.send_complete()
         response = await connection.as_response()
         assert response.status_code == 413
-        assert _emulator_objects(storage_emulator, bucket) == []
+        assert await _emulator_objects(storage_emulator, bucket) == []
     finally:
         await app.shutdown()
 
@@ -265,7 +265,7 @@ async def test_client_disconnect_mid_upload_leaves_nothing(
         for _ in range(8):
             await connection.send(b"z" * MB)
         await connection.disconnect()
-    assert _emulator_objects(storage_emulator, bucket) == []
+    assert await _emulator_objects(storage_emulator, bucket) == []
     assert (await client.get(path(bucket, "cut"))).status_code == 404
     assert asyncio.all_tasks() - before == set()
 
@@ -345,7 +345,7 @@ async def test_server_refuses_large_body_before_reading_it(
         ) as response:
             assert response.status == 413
             assert (await response.json())["error"]["status"] == "PAYLOAD_TOO_LARGE"
-    assert _emulator_objects(storage_emulator, bucket) == []
+    assert await _emulator_objects(storage_emulator, bucket) == []
 
 
 async def test_server_finishes_the_exchange_of_a_refused_upload(
@@ -399,7 +399,7 @@ async def test_server_finishes_the_exchange_of_a_refused_upload(
     finally:
         writer.close()
         emulator.close()
-    assert _emulator_objects(storage_emulator, bucket) == ["exists"]
+    assert await _emulator_objects(storage_emulator, bucket) == ["exists"]
 
 
 async def test_server_200mb_round_trip_in_bounded_memory(
@@ -505,7 +505,7 @@ async def test_server_client_dropping_mid_upload(
         )
 
     await _eventually(released)
-    assert "dropped" not in _emulator_objects(storage_emulator, bucket)
+    assert "dropped" not in await _emulator_objects(storage_emulator, bucket)
     async with aiohttp.ClientSession() as http:
         async with http.get(url(server, bucket, "dropped")) as response:
             assert response.status == 404
@@ -588,12 +588,21 @@ def _emulator_buckets(emulator: StorageEmulator) -> list[str]:
         return [item["name"] for item in json.loads(r.read()).get("items", [])]
 
 
-def _emulator_objects(emulator: StorageEmulator, bucket: str) -> list[str]:
+async def _emulator_objects(emulator: StorageEmulator, bucket: str) -> list[str]:
+    """The bucket's object names, asked of the emulator directly.
+
+    Off the loop: the emulator serves one request at a time, and may still be reading an
+    upload that the app (on this loop, in the in-process tests) is about to abort.
+    """
     import json
     import urllib.request
 
-    with urllib.request.urlopen(f"{emulator.url}/storage/v1/b/{bucket}/o", timeout=WAIT) as r:
-        return [item["name"] for item in json.loads(r.read()).get("items", [])]
+    def names() -> list[str]:
+        url = f"{emulator.url}/storage/v1/b/{bucket}/o"
+        with urllib.request.urlopen(url, timeout=WAIT) as r:
+            return [item["name"] for item in json.loads(r.read()).get("items", [])]
+
+    return await asyncio.to_thread(names)
 
 
 async def _eventually(check: Callable[[], Awaitable[bool]], within: float = WAIT) -> None:
@@ -700,4 +709,4 @@ async def test_server_an_upload_whose_client_goes_quiet_is_abandoned_with_408(
     body = json.loads(await asyncio.wait_for(reader.readexactly(size), WAIT))
     assert body["error"]["code"] == 408 and "nothing" in body["error"]["message"]
     writer.close()
-    assert "quiet" not in _emulator_objects(storage_emulator, bucket)
+    assert "quiet" not in await _emulator_objects(storage_emulator, bucket)

@@ -340,3 +340,20 @@ async def test_clients_receive_again_after_the_emulator_restarts(
         if publisher is not None:
             publisher.stop()
         emulator.stop()
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+async def test_websocket_compression_is_declined_unless_enabled(
+    start_server: Any, topic: Topic, enabled: bool
+) -> None:
+    server = await start_server({"LOOPGATE_STREAM_COMPRESSION": "1" if enabled else "0"})
+    async with aiohttp.ClientSession() as session:
+        # The client offers permessage-deflate, as every browser does.
+        ws = await session.ws_connect(f"{server.url}/v1/topics/{topic.name}/stream", compress=15)
+        try:
+            assert (await asyncio.wait_for(ws.receive_json(), WAIT))["type"] == "subscribed"
+            assert bool(ws.compress) is enabled
+            [published] = await publish(session, server, topic.name, 1)
+            assert (await receive(ws, 1)).ids == [published]
+        finally:
+            await ws.close()
