@@ -284,10 +284,7 @@ class Hub:
             feed.flush.cancel()
             self._flush(feed)
             return
-        interval = min(
-            settings.stream_max_coalesce_delay, len(feed.listeners) / settings.stream_frame_rate
-        )
-        delay = feed.flushed + interval - self._loop.time()
+        delay = self._next_flush(feed) - self._loop.time()
         if delay <= 0:
             self._flush(feed)
         else:
@@ -340,12 +337,17 @@ class Hub:
         self._hand_over(feed, extend=True)
         feed.unrung = True
         if feed.flush is None:
-            interval = min(
-                self.settings.stream_max_coalesce_delay,
-                len(feed.listeners) / self.settings.stream_frame_rate,
-            )
-            delay = max(0.0, feed.flushed + interval - self._loop.time())
+            delay = max(0.0, self._next_flush(feed) - self._loop.time())
             feed.flush = self._loop.call_later(delay, self._flush, feed)
+
+    def _next_flush(self, feed: _Feed) -> float:
+        """When the topic's next hand-over may be, on the loop's clock: ``subscribers /
+        stream_frame_rate`` seconds after the last, at most ``stream_max_coalesce_delay``."""
+        settings = self.settings
+        interval = min(
+            settings.stream_max_coalesce_delay, len(feed.listeners) / settings.stream_frame_rate
+        )
+        return feed.flushed + interval
 
     # -- retiring subscriptions -----------------------------------------------------------
 

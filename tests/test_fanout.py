@@ -330,6 +330,17 @@ async def test_a_message_is_acked_once_it_is_in_every_subscribers_queue(
         assert nobody.queued_at_ack == []
 
 
+@contextlib.asynccontextmanager
+async def _pulled_pair(topic: str) -> AsyncIterator[tuple[Hub, Any, Listener, Listener]]:
+    """A hub with a long window and two subscribers of ``topic``, its streaming pull running."""
+    async with _windowed_hub() as hub:
+        async with hub.subscribe(topic) as first, hub.subscribe(topic) as second:
+            feed = hub._feeds[topic]
+            assert feed.pull is not None
+            await asyncio.wait_for(feed.pull.running.wait(), WAIT)
+            yield hub, feed, first, second
+
+
 def _wait_for_hand_over_while_busy(hub: Hub, topic: str) -> None:
     """Block the loop, as a round of writes does, until the stream thread has handed a message
     over (its wake-up cannot run meanwhile)."""
@@ -344,24 +355,20 @@ def _wait_for_hand_over_while_busy(hub: Hub, topic: str) -> None:
 async def test_a_message_arriving_during_a_round_of_writes_joins_that_round(
     pubsub_emulator: Any, admin: PubSubAdmin, topic: Topic
 ) -> None:
-    async with _windowed_hub() as hub:
-        async with hub.subscribe(topic.name) as first, hub.subscribe(topic.name) as second:
-            feed = hub._feeds[topic.name]
-            assert feed.pull is not None
-            await asyncio.wait_for(feed.pull.running.wait(), WAIT)
-            hub.fanout(topic.name, [_frame(1)])  # a round starts: both are woken
-            done = await asyncio.wait_for(first.get(), WAIT)  # the first has written its frame
-            [published] = _publish(admin, topic.name, 1)
-            _wait_for_hand_over_while_busy(hub, topic.name)
-            # The second, further along the round, sends the newcomer in the same frame (its
-            # queue is not empty: get() returns without giving the loop a turn)...
-            joined = await second.get()
-            # ...and the first has it queued for when the round ends.
-            assert len(first) == 1
-            assert feed.unrung and feed.flush is not None
-            feed.flush.cancel()
-            hub._flush(feed)  # the round's end, without waiting for the window
-            late = await asyncio.wait_for(first.get(), WAIT)
+    async with _pulled_pair(topic.name) as (hub, feed, first, second):
+        hub.fanout(topic.name, [_frame(1)])  # a round starts: both are woken
+        done = await asyncio.wait_for(first.get(), WAIT)  # the first has written its frame
+        [published] = _publish(admin, topic.name, 1)
+        _wait_for_hand_over_while_busy(hub, topic.name)
+        # The second, further along the round, sends the newcomer in the same frame (its
+        # queue is not empty: get() returns without giving the loop a turn)...
+        joined = await second.get()
+        # ...and the first has it queued for when the round ends.
+        assert len(first) == 1
+        assert feed.unrung and feed.flush is not None
+        feed.flush.cancel()
+        hub._flush(feed)  # the round's end, without waiting for the window
+        late = await asyncio.wait_for(first.get(), WAIT)
     assert [f.message_id for f in done.frames] == ["1"]
     assert [f.message_id for f in joined.frames] == ["1", published]
     assert joined.chunk is not None  # one text for every connection in that position
@@ -372,15 +379,11 @@ async def test_a_round_takes_what_the_stream_thread_handed_over_before_its_wake_
     pubsub_emulator: Any, admin: PubSubAdmin, topic: Topic
 ) -> None:
     # A busy loop runs a due flush before the wake-up the stream thread scheduled.
-    async with _windowed_hub() as hub:
-        async with hub.subscribe(topic.name) as first, hub.subscribe(topic.name) as second:
-            feed = hub._feeds[topic.name]
-            assert feed.pull is not None
-            await asyncio.wait_for(feed.pull.running.wait(), WAIT)
-            [published] = _publish(admin, topic.name, 1)
-            _wait_for_hand_over_while_busy(hub, topic.name)
-            hub._flush(feed)
-            assert not feed.pull.arrived
-            async with asyncio.timeout(WAIT):  # the wake-up would leave it for the next window
-                batches = [await x.get() for x in (first, second)]
+    async with _pulled_pair(topic.name) as (hub, feed, first, second):
+        [published] = _publish(admin, topic.name, 1)
+        _wait_for_hand_over_while_busy(hub, topic.name)
+        hub._flush(feed)
+        assert not feed.pull.arrived
+        async with asyncio.timeout(WAIT):  # the wake-up would leave it for the next window
+            batches = [await x.get() for x in (first, second)]
     assert [[f.message_id for f in b.frames] for b in batches] == [[published], [published]]
