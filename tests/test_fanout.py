@@ -238,6 +238,14 @@ async def _windowed_hub(**overrides: Any) -> AsyncIterator[Hub]:
         yield await _hub(app)
 
 
+def _end_window(hub: Hub, topic: str) -> None:
+    """Run the topic's scheduled hand-over now instead of at its window's end."""
+    feed = hub._feeds[topic]
+    assert feed.flush is not None
+    feed.flush.cancel()
+    hub._flush(feed)
+
+
 async def test_messages_arriving_together_share_one_frame_built_once(
     pubsub_emulator: Any, topic: Topic
 ) -> None:
@@ -251,10 +259,7 @@ async def test_messages_arriving_together_share_one_frame_built_once(
                 batch = await asyncio.wait_for(listener.get(), WAIT)
                 assert [f.message_id for f in batch.frames] == ["1"]
                 assert len(listener) == 0
-            feed = hub._feeds[topic.name]
-            assert feed.flush is not None
-            feed.flush.cancel()
-            hub._flush(feed)  # the window's end, without waiting for it
+            _end_window(hub, topic.name)
             batches = [await asyncio.wait_for(x.get(), WAIT) for x in (first, second)]
     assert [[f.message_id for f in b.frames] for b in batches] == [["2", "3"], ["2", "3"]]
     texts = [websocket_texts(b) for b in batches]
@@ -320,10 +325,7 @@ async def test_a_message_is_acked_once_it_is_in_every_subscribers_queue(
             waiting = _Received([first, second])
             hub.fanout(topic.name, [_frame(2)], [waiting])
             assert waiting.queued_at_ack is None  # held for the window: not acked yet
-            feed = hub._feeds[topic.name]
-            assert feed.flush is not None
-            feed.flush.cancel()
-            hub._flush(feed)
+            _end_window(hub, topic.name)
             assert waiting.queued_at_ack == [2, 2]  # both frames in both queues by then
         nobody = _Received([])
         hub.fanout(topic.name, [_frame(3)], [nobody])  # no subscriber here: acked at once
@@ -365,9 +367,8 @@ async def test_a_message_arriving_during_a_round_of_writes_joins_that_round(
         joined = await second.get()
         # ...and the first has it queued for when the round ends.
         assert len(first) == 1
-        assert feed.unrung and feed.flush is not None
-        feed.flush.cancel()
-        hub._flush(feed)  # the round's end, without waiting for the window
+        assert feed.unrung
+        _end_window(hub, topic.name)  # the round's end
         late = await asyncio.wait_for(first.get(), WAIT)
     assert [f.message_id for f in done.frames] == ["1"]
     assert [f.message_id for f in joined.frames] == ["1", published]
