@@ -1,7 +1,9 @@
 """Cloud Storage throughput: objects up and down through loopgate, next to the same transfers made
-directly against the emulator with gcloud-aio-storage (the ceiling), in one run.
+through a bare proxy (the cost of the hop itself) and directly against the emulator with
+gcloud-aio-storage (the ceiling), in one run.
 
-Starts its own storage emulator and one Hypercorn worker on loopback, runs a bounded number of
+Starts its own storage emulator and two Hypercorn servers of one worker each (loopgate and the
+bare proxy of ``bench/apps/storage_proxy.py``) on loopback, runs a bounded number of
 interleaved transfers per size, prints a table and writes it to the "Storage" section of
 ``bench/RESULTS.md``. Run with ``python -m bench.storage`` (options: ``--help``).
 """
@@ -18,10 +20,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from gcloud.aio.storage import Storage
@@ -39,6 +43,7 @@ BUCKET = "bench"
 SIZES = {1 * MB: 40, 50 * MB: 8}  # object size -> repetitions per direction and path
 CONCURRENCY = (1, 4)  # transfers at once: one at a time (latency), and several (throughput)
 Key = tuple[int, int, str, str]  # (size, transfers at once, path, direction)
+Transfer = Callable[[str, Any], Awaitable[None]]  # (object name, data or size)
 DEADLINE = 600.0  # the whole run stops after this many seconds
 OP_TIMEOUT = 120.0
 
@@ -72,6 +77,15 @@ def family(pid: int) -> list[int]:
     return pids
 
 
+def worker_of(server: subprocess.Popen[bytes]) -> int:
+    """The PID of the one worker process of a Hypercorn server."""
+    return next(
+        pid
+        for pid in family(server.pid)[1:]
+        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    )
+
+
 def start_loopgate(
     emulator: StorageEmulator, port: int, token_file: Path
 ) -> subprocess.Popen[bytes]:
@@ -83,8 +97,19 @@ def start_loopgate(
         LOOPGATE_AUTH_FILE=str(token_file),
         STORAGE_EMULATOR_HOST=emulator.url,
     )
+    return start_server(env, port, "service:create_app()", "/healthz")
+
+
+def start_proxy(emulator: StorageEmulator, port: int) -> subprocess.Popen[bytes]:
+    """The bare proxy peer (``bench/apps/storage_proxy.py``), one worker."""
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": emulator.url}
+    return start_server(env, port, "bench.apps.storage_proxy:app", "/ready")
+
+
+def start_server(env: dict[str, str], port: int, app: str, probe: str) -> subprocess.Popen[bytes]:
+    """One Hypercorn worker serving ``app``, once it answers ``probe`` (any status)."""
     command = hypercorn_command(
-        f"127.0.0.1:{port}", workers=1, extra=["--access-logfile", "/dev/null"]
+        f"127.0.0.1:{port}", workers=1, app=app, extra=["--access-logfile", "/dev/null"]
     )
     process = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -92,14 +117,16 @@ def start_loopgate(
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{probe}", timeout=1):
                 return process
+        except urllib.error.HTTPError:
+            return process
         except OSError:
             if process.poll() is not None:
-                raise RuntimeError("hypercorn exited at start") from None
+                raise RuntimeError(f"hypercorn serving {app} exited at start") from None
             time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("hypercorn did not start")
+    stop_process(process)
+    raise RuntimeError(f"hypercorn serving {app} did not start")
 
 
 async def _all(operations: Iterable[Awaitable[None]]) -> None:
@@ -112,32 +139,43 @@ async def timed(operation: Callable[[], Awaitable[None]]) -> float:
     return time.perf_counter() - started
 
 
+@dataclass(frozen=True)
+class Server:
+    """A server the transfers go through: its address, worker PID and request headers."""
+
+    base: str
+    worker: int
+    headers: dict[str, str]
+
+
 async def measure(
-    base: str, emulator: StorageEmulator, worker: int, token: str, concurrency: tuple[int, ...]
+    servers: dict[str, Server], emulator: StorageEmulator, concurrency: tuple[int, ...]
 ) -> dict[Key, Series]:
     results: dict[Key, Series] = {}
     deadline = time.monotonic() + DEADLINE
     timeout = aiohttp.ClientTimeout(total=None, sock_read=OP_TIMEOUT)
-    auth = {"Authorization": f"Bearer {token}"}
     async with aiohttp.ClientSession(timeout=timeout) as http:
         storage = Storage(session=http, api_root=emulator.url, api_is_dev=True)  # type: ignore[arg-type]
 
-        def object_url(name: str) -> str:
-            return f"{base}/v1/buckets/{BUCKET}/objects/{name}"
+        def through(server: Server) -> tuple[Transfer, Transfer]:
+            def object_url(name: str) -> str:
+                return f"{server.base}/v1/buckets/{BUCKET}/objects/{name}"
 
-        async def loopgate_up(name: str, data: bytes) -> None:
-            headers = {**auth, "Content-Type": "application/octet-stream"}
-            async with http.put(object_url(name), data=io.BytesIO(data), headers=headers) as r:
-                assert r.status == 201, await r.text()
-                await r.read()
+            async def up(name: str, data: bytes) -> None:
+                headers = {**server.headers, "Content-Type": "application/octet-stream"}
+                async with http.put(object_url(name), data=io.BytesIO(data), headers=headers) as r:
+                    assert r.status == 201, await r.text()
+                    await r.read()
 
-        async def loopgate_down(name: str, size: int) -> None:
-            received = 0
-            async with http.get(object_url(name), headers=auth) as response:
-                assert response.status == 200, await response.text()
-                async for chunk in response.content.iter_chunked(256 * 1024):
-                    received += len(chunk)
-            assert received == size
+            async def down(name: str, size: int) -> None:
+                received = 0
+                async with http.get(object_url(name), headers=server.headers) as response:
+                    assert response.status == 200, await response.text()
+                    async for chunk in response.content.iter_chunked(256 * 1024):
+                        received += len(chunk)
+                assert received == size
+
+            return up, down
 
         async def direct_up(name: str, data: bytes) -> None:
             await storage.upload(
@@ -147,10 +185,10 @@ async def measure(
         async def direct_down(name: str, size: int) -> None:
             assert len(await storage.download(BUCKET, name, timeout=int(OP_TIMEOUT))) == size
 
-        paths = {
-            "loopgate": (loopgate_up, loopgate_down),
-            "direct": (direct_up, direct_down),
+        paths: dict[str, tuple[Transfer, Transfer]] = {
+            name: through(server) for name, server in servers.items()
         }
+        paths["direct"] = (direct_up, direct_down)
         for size, repetitions in SIZES.items():
             data = os.urandom(size)
             for path, (up, down) in paths.items():  # warm-up, not measured
@@ -177,10 +215,12 @@ async def measure(
                             ),
                         ):
                             series = results.setdefault((size, at_once, path, direction), Series())
-                            cpu = cpu_seconds(worker)
+                            worker = servers[path].worker if path in servers else None
+                            cpu = cpu_seconds(worker) if worker else 0.0
                             # Seconds per transfer: the batch's time shared by its transfers.
                             series.seconds.append(await timed(operation) / at_once)
-                            series.cpu.append((cpu_seconds(worker) - cpu) / at_once)
+                            if worker:
+                                series.cpu.append((cpu_seconds(worker) - cpu) / at_once)
     return results
 
 
@@ -205,25 +245,31 @@ def _at_once(count: int) -> str:
     return "one at a time" if count == 1 else f"{count} at once"
 
 
+def _cpu_per_mb(series: Series, size: int) -> str:
+    return f"{sum(series.cpu) * 1000 / (len(series.cpu) * size / MB):.1f}"
+
+
 def table(results: dict[Key, Series], concurrency: tuple[int, ...]) -> list[str]:
     lines = [
-        "| object | transfers | direction | loopgate MB/s | direct MB/s | loopgate / direct "
-        "| loopgate worker CPU ms/MB (mean) | samples |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| object | transfers | direction | loopgate MB/s | bare proxy MB/s | direct MB/s "
+        "| loopgate / direct | bare proxy / direct | loopgate / bare proxy "
+        "| worker CPU ms/MB, loopgate / bare proxy | samples each |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for at_once in concurrency:
         for size in SIZES:
             for direction in ("up", "down"):
-                through = results.get((size, at_once, "loopgate", direction))
+                ours = results.get((size, at_once, "loopgate", direction))
+                bare = results.get((size, at_once, "proxy", direction))
                 direct = results.get((size, at_once, "direct", direction))
-                if not through or not direct:
+                if not ours or not bare or not direct:
                     continue
-                ours, ceiling = through.mb_per_s(size), direct.mb_per_s(size)
-                cpu_per_mb = sum(through.cpu) * 1000 / (len(through.cpu) * size / MB)
+                mine, hop, ceiling = (s.mb_per_s(size) for s in (ours, bare, direct))
                 lines.append(
-                    f"| {size // MB} MB | {_at_once(at_once)} | {direction} | {ours:.1f} "
-                    f"| {ceiling:.1f} | {ours / ceiling:.0%} | {cpu_per_mb:.1f} "
-                    f"| {len(through.seconds)} + {len(direct.seconds)} |"
+                    f"| {size // MB} MB | {_at_once(at_once)} | {direction} | {mine:.1f} "
+                    f"| {hop:.1f} | {ceiling:.1f} | {mine / ceiling:.0%} | {hop / ceiling:.0%} "
+                    f"| {mine / hop:.0%} | {_cpu_per_mb(ours, size)} / {_cpu_per_mb(bare, size)} "
+                    f"| {len(ours.seconds)} |"
                 )
     return lines
 
@@ -248,7 +294,7 @@ def main() -> int:
 
     emulator = StorageEmulator()
     emulator.start()
-    server: subprocess.Popen[bytes] | None = None
+    started: list[subprocess.Popen[bytes]] = []
     scratch = tempfile.TemporaryDirectory(prefix="loopgate-bench-")
     try:
         create_bucket(emulator.url, BUCKET)
@@ -256,36 +302,42 @@ def main() -> int:
         token_file = Path(scratch.name) / "tokens.toml"
         scopes = [f"storage:read:{BUCKET}", f"storage:write:{BUCKET}"]
         token_file.write_text(entry_toml("bench", token, scopes))
-        port = free_port()
-        server = start_loopgate(emulator, port, token_file)
+        ports = free_port(), free_port()
+        started.append(start_loopgate(emulator, ports[0], token_file))
+        started.append(start_proxy(emulator, ports[1]))
+        servers = {
+            "loopgate": Server(
+                f"http://127.0.0.1:{ports[0]}",
+                worker_of(started[0]),
+                {"Authorization": f"Bearer {token}"},
+            ),
+            "proxy": Server(f"http://127.0.0.1:{ports[1]}", worker_of(started[1]), {}),
+        }
         assert emulator.process is not None
-        ours = [os.getpid(), *family(server.pid), *family(emulator.process.pid)]
-        worker = next(
-            pid
-            for pid in family(server.pid)[1:]
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        )
+        ours = [os.getpid(), *family(emulator.process.pid)]
+        for process in started:
+            ours += family(process.pid)
         cpu_before = {pid: cpu_seconds(pid) for pid in ours}
         busy_before, wall_before = busy_seconds(), time.monotonic()
         load_before = os.getloadavg()[0]
-        results = asyncio.run(
-            measure(f"http://127.0.0.1:{port}", emulator, worker, token, concurrency)
-        )
+        results = asyncio.run(measure(servers, emulator, concurrency))
         wall = time.monotonic() - wall_before
         busy = busy_seconds() - busy_before
         used = {pid: cpu_seconds(pid) - before for pid, before in cpu_before.items()}
         others = max(0.0, busy - sum(used.values())) / wall
     finally:
-        if server is not None:
-            stop_process(server)
+        for process in started:
+            stop_process(process)
         emulator.stop()
         scratch.cleanup()
 
     lines = [
-        "Object transfers through loopgate (one Hypercorn worker) and the same transfers made "
-        "directly against the storage emulator with gcloud-aio-storage, interleaved, loopback "
-        "only: one transfer at a time (each transfer's own speed), and several at once (what "
-        "the setup moves together); MB/s is the object's size over the median time per "
+        "Object transfers through loopgate (one Hypercorn worker), through a bare proxy (one "
+        "Hypercorn worker running a framework-free ASGI app that only moves the bytes over "
+        "aiohttp: `bench/apps/storage_proxy.py`, what the extra hop itself costs) and made "
+        "directly against the storage emulator with gcloud-aio-storage (the ceiling), "
+        "interleaved, loopback only: one transfer at a time (each transfer's own speed), and "
+        "several at once (what the setup moves together); MB/s is the object's size over the median time per "
         "transfer, a batch's time shared by its transfers (MB = 2^20 bytes). Written by "
         "`python -m bench.storage`.",
         "",
@@ -298,10 +350,11 @@ def main() -> int:
         f"run took {wall:.0f} s",
         f"- machine: nproc {os.cpu_count()}, {cpu_model()}; load average {load_before:.2f} at "
         f"start; other processes used {others:.2f} cores on average while measuring",
-        "- the emulator is gcp-storage-emulator (single-threaded, in memory): it bounds both "
-        "columns; it closes its connection after every request, so each backend request "
+        "- the emulator is gcp-storage-emulator (single-threaded, in memory): it bounds every "
+        "column; it closes its connection after every request, so each backend request "
         "also pays a TCP connect",
-        "- loopgate requests carry an API token (authentication on, as in production)",
+        "- loopgate requests carry an API token (authentication on, as in production); the "
+        "bare proxy checks nothing",
     ]
     print("\n".join(lines))
     if not args.no_write:
