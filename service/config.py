@@ -146,8 +146,26 @@ class Settings(BaseSettings):
     storage_timeout: float = Field(
         default=60.0, gt=0, description="Seconds a Cloud Storage call may wait for data."
     )
+    storage_connect_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a Cloud Storage call may wait for a connection (a free one of the "
+        "worker's pool, then the backend's) before answering 503.",
+    )
     upload_idle_timeout: float = Field(
         default=60.0, gt=0, description="Seconds an upload's client may send nothing (408)."
+    )
+    download_idle_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds a download's client may take nothing before the download is ended "
+        "and its backend connection released.",
+    )
+    http_max_connections: int = Field(
+        default=256,
+        ge=1,
+        description="Connections the worker's shared HTTP session (Cloud Storage, and clients of "
+        "your own built on it) holds open at once; every transfer in progress holds one.",
     )
 
     @field_validator("topics", "subscriptions", "allowed_origins", "buckets", mode="before")

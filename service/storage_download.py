@@ -6,6 +6,8 @@ ranged reads first fetch the object's metadata, which decides the status and hea
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -18,8 +20,14 @@ from . import metrics
 from .clients.storage import StorageClient
 from .clients.storage_media import media_info
 from .errors import Unavailable
+from .registry import current_settings
+from .shutdown import GATE, ConnectionGate
+
+log = logging.getLogger("loopgate.storage")
 
 READ_BYTES = 256 * 1024
+# Seconds a download's client may take nothing once the server is shutting down.
+SHUTDOWN_IDLE_TIMEOUT = 2.0
 # Transferred bytes are counted in steps of this size: a metric update per chunk (in
 # multiprocess mode, a locked write to a shared file) costs a noticeable part of a chunk's time.
 COUNT_BYTES = 1024 * 1024
@@ -29,20 +37,48 @@ class DownloadBody:
     """A response body read from the backend's open response, chunk by chunk.
 
     Closing it (Quart does when the response ends, is cancelled or never starts) releases the
-    backend connection, so a client that goes away leaves nothing open.
+    backend connection, so a client that goes away leaves nothing open. A client that stays but
+    takes nothing for ``idle_timeout`` seconds (its receive window shut, the send of a chunk never
+    finishing) has its response ended: the task sending it is cancelled, which closes the body.
+
+    Once the server shuts down, a client gets only ``SHUTDOWN_IDLE_TIMEOUT`` seconds: Hypercorn
+    (0.17, Python 3.11) waits for a connection it cancels at its graceful timeout to flush what it
+    still holds, and a client that reads nothing would keep the worker from ever exiting.
     """
 
     def __init__(
         self,
         context: AbstractAsyncContextManager[aiohttp.ClientResponse],
         response: aiohttp.ClientResponse,
+        *,
+        idle_timeout: float,
+        description: str,
     ) -> None:
         self._context = context
         self._response = response
         self._closed = False
         self._sent = self._counted = 0
         self._counter = metrics.STORAGE_BYTES.labels(direction="down")
+        self._idle_timeout = idle_timeout
+        self._description = description
+        self._sender: asyncio.Task[Any] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._gate: ConnectionGate | None = None
         metrics.STORAGE_TRANSFERS.labels(direction="down").inc()
+
+    def watch_shutdown(self, gate: ConnectionGate) -> None:
+        """Shorten the idle timeout when ``gate`` closes (now, if it has)."""
+        self._gate = gate
+        if gate.closing.is_set():
+            self._shutting_down()
+        else:
+            gate.on_close(self._shutting_down)
+
+    def _shutting_down(self) -> None:
+        self._idle_timeout = min(self._idle_timeout, SHUTDOWN_IDLE_TIMEOUT)
+        if self._watchdog is not None:  # a send is under way: time it from now
+            self._disarm()
+            self._arm()
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:
@@ -53,6 +89,8 @@ class DownloadBody:
         return self
 
     async def __anext__(self) -> bytes:
+        # Asked for the next chunk: the previous one has been handed to the client.
+        self._disarm()
         if self._closed:
             raise StopAsyncIteration
         try:
@@ -66,13 +104,40 @@ class DownloadBody:
         self._sent += len(chunk)
         if self._sent - self._counted >= COUNT_BYTES:
             self._count()
+        self._arm()
         return chunk
+
+    def _arm(self) -> None:
+        """Start timing the send of the chunk about to be returned."""
+        if self._sender is None:
+            self._sender = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.call_later(self._idle_timeout, self._stalled)
+
+    def _disarm(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _stalled(self) -> None:
+        self._watchdog = None
+        if self._sender is not None and not self._closed:
+            log.info(
+                "download of %s abandoned: the client took nothing for %g s",
+                self._description,
+                self._idle_timeout,
+            )
+            self._sender.cancel()
 
     def _count(self) -> None:
         self._counter.inc(self._sent - self._counted)
         self._counted = self._sent
 
     async def aclose(self) -> None:
+        self._disarm()
+        if self._gate is not None:
+            self._gate.discard(self._shutting_down)
+            self._gate = None
         if not self._closed:
             self._closed = True
             self._count()
@@ -105,8 +170,13 @@ async def open_body(
     client: StorageClient, bucket: str, name: str, byte_range: tuple[int, int] | None = None
 ) -> DownloadBody:
     """The object's media (``byte_range`` inclusive), open and unread."""
+    gate = await GATE.get()
     context = client.download(bucket, name, byte_range)
-    return DownloadBody(context, await context.__aenter__())
+    response = await context.__aenter__()
+    idle = current_settings().download_idle_timeout
+    body = DownloadBody(context, response, idle_timeout=idle, description=f"{bucket}/{name}")
+    body.watch_shutdown(gate)
+    return body
 
 
 async def check_generation(body: DownloadBody, generation: str, name: str) -> None:

@@ -710,3 +710,99 @@ async def test_server_an_upload_whose_client_goes_quiet_is_abandoned_with_408(
     assert body["error"]["code"] == 408 and "nothing" in body["error"]["message"]
     writer.close()
     assert "quiet" not in await _emulator_objects(storage_emulator, bucket)
+
+
+async def _stalled_download(server: Server, bucket: str, name: str) -> asyncio.StreamWriter:
+    """A GET of ``name`` whose client reads the response head and then nothing more, keeping the
+    connection open; the object must be larger than every buffer on the way (64 MB is)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, limit=64 * 1024)
+    writer.write(
+        f"GET /v1/buckets/{bucket}/objects/{name} HTTP/1.1\r\nHost: loopgate\r\n\r\n".encode()
+    )
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), WAIT)
+    assert status_line.split()[1] == b"200", status_line
+    return writer
+
+
+async def _put_large(server: Server, bucket: str, name: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.put(url(server, bucket, name), data=io.BytesIO(b"s" * 64 * MB)) as r:
+            assert r.status == 201, await r.text()
+
+
+async def test_server_a_download_whose_client_stops_reading_is_ended(
+    start_server: Callable[..., Awaitable[Server]], storage_emulator: StorageEmulator, bucket: str
+) -> None:
+    env = server_env(storage_emulator, bucket, LOOPGATE_DOWNLOAD_IDLE_TIMEOUT="1")
+    server = await start_server(env=env, workers=1)
+    worker = await _worker_pid(server)
+    await _put_large(server, bucket, "stalled")
+    writer = await _stalled_download(server, bucket, "stalled")
+
+    async def released() -> bool:
+        text = await _metrics(server)
+        return (
+            metric_value(text, "loopgate_storage_transfers", direction="down") == 0
+            and _emulator_connections(worker, storage_emulator.port) == 0
+        )
+
+    # The backend connection is let go while the client still holds its own.
+    await _eventually(released)
+    assert not writer.transport.is_closing()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url(server, bucket, "stalled")) as response:
+            assert response.status == 200
+            assert len(await response.read()) == 64 * MB
+    writer.transport.abort()
+    assert "abandoned" in server.log() and "Traceback" not in server.log()
+
+
+async def test_server_storage_calls_answer_503_when_every_connection_is_busy(
+    start_server: Callable[..., Awaitable[Server]], storage_emulator: StorageEmulator, bucket: str
+) -> None:
+    env = server_env(
+        storage_emulator,
+        bucket,
+        LOOPGATE_HTTP_MAX_CONNECTIONS="1",
+        LOOPGATE_STORAGE_CONNECT_TIMEOUT="0.5",
+    )
+    server = await start_server(env=env, workers=1)
+    await _put_large(server, bucket, "busy")
+    writer = await _stalled_download(server, bucket, "busy")  # holds the only connection
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)) as http:
+        for method in ("GET", "PUT", "DELETE"):
+            async with http.request(method, url(server, bucket, "other"), data=b"x") as response:
+                body = await response.json()
+                assert response.status == 503, body
+                assert int(response.headers["Retry-After"]) >= 1
+                assert body["error"]["status"] == "UNAVAILABLE"
+                assert "connection" in body["error"]["message"]
+        writer.transport.abort()
+
+        async def served() -> bool:
+            async with http.put(url(server, bucket, "other"), data=b"after") as response:
+                return response.status == 201
+
+        await _eventually(served)
+
+
+async def test_server_stops_with_a_download_whose_client_reads_nothing(
+    start_server: Callable[..., Awaitable[Server]], storage_emulator: StorageEmulator, bucket: str
+) -> None:
+    # Hypercorn would wait forever to flush what it holds for such a client once its graceful
+    # timeout cancels the connection; the download is ended before that.
+    server = await start_server(
+        env=server_env(storage_emulator, bucket), workers=1, args=["--graceful-timeout", "4"]
+    )
+    await _put_large(server, bucket, "unread")
+    writer = await _stalled_download(server, bucket, "unread")
+    try:
+        assert await asyncio.to_thread(server.stop) == 0
+    finally:
+        writer.transport.abort()
+    log = server.log()
+    assert "abandoned" in log
+    # Hypercorn logs the cancellation of the connection it ended at its graceful timeout (a
+    # traceback through asyncio and Hypercorn only); nothing may fail in loopgate's own code.
+    assert "Error in ASGI" not in log and f"{os.sep}service{os.sep}" not in log

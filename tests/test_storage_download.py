@@ -1,18 +1,23 @@
 """Object reads against the storage emulator: how many backend requests each kind of read makes,
-the fallback when the media response says too little, and the transferred-bytes count."""
+the fallback when the media response says too little, the transferred-bytes count, and the end of
+a download whose client takes nothing."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import make_settings, metric_value
+from conftest import WAIT, make_settings, metric_value
+from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
-from service import storage_download
+from service import create_app, storage_download
 from service.clients.storage import StorageClient
 from service.config import Settings
 from service.dev.emulators import StorageEmulator
+from service.shutdown import GATE
 
 
 @pytest.fixture
@@ -103,3 +108,87 @@ async def test_transferred_bytes_are_all_counted(client: Client, bucket: str) ->
     assert len(await (await client.get(path(bucket, "counted"))).get_data()) == size
     assert await counted("up") == up + size
     assert await counted("down") == down + size
+
+
+def _get_scope(target: str) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": target,
+        "raw_path": target.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"loopgate")],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8080),
+        "extensions": {},
+    }
+
+
+async def _serve_to_a_client_taking_nothing(app: Quart, target: str, stuck: asyncio.Event) -> None:
+    """Serve a GET of ``target`` to a client that takes the response head and then never
+    finishes taking the first body chunk (its send blocks, as Hypercorn's does on a full socket),
+    without disconnecting; ``stuck`` is set when that send begins. Returns once the app has
+    ended the response."""
+    requested = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()  # no disconnect: the client stays
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            stuck.set()
+            await asyncio.Event().wait()
+
+    await asyncio.wait_for(app(_get_scope(target), receive, send), WAIT)
+
+
+@pytest.fixture
+async def idle_app(pubsub_emulator: Any, bucket: str) -> AsyncIterator[Quart]:
+    app = create_app(make_settings(buckets=bucket, download_idle_timeout=0.3))
+    async with app.test_app():
+        yield app
+
+
+async def _transfers_down(app: Quart) -> float:
+    text = await (await app.test_client().get("/metrics")).get_data(as_text=True)
+    return metric_value(text, "loopgate_storage_transfers", direction="down")
+
+
+async def _put(app: Quart, target: str) -> None:
+    size = 4 * storage_download.READ_BYTES
+    assert (await app.test_client().put(target, data=b"t" * size)).status_code == 201
+
+
+async def test_a_download_whose_client_takes_nothing_is_ended(idle_app: Quart, bucket: str) -> None:
+    target = path(bucket, "untaken")
+    await _put(idle_app, target)
+    stuck = asyncio.Event()
+    await _serve_to_a_client_taking_nothing(idle_app, target, stuck)
+    assert stuck.is_set()
+    assert await _transfers_down(idle_app) == 0
+
+
+async def test_a_download_stalled_at_shutdown_is_ended_sooner(
+    app: Quart, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(storage_download, "SHUTDOWN_IDLE_TIMEOUT", 0.3)
+    target = path(bucket, "at-shutdown")
+    await _put(app, target)
+    stuck = asyncio.Event()
+    serving = asyncio.ensure_future(_serve_to_a_client_taking_nothing(app, target, stuck))
+    await asyncio.wait_for(stuck.wait(), WAIT)
+    assert await _transfers_down(app) == 1  # the idle timeout (60 s) would not end it
+    async with app.app_context():
+        gate = await GATE.get()
+    gate.close("the test shuts the server down")
+    await serving
+    assert await _transfers_down(app) == 0

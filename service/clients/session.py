@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import aiohttp
 
-from ..registry import ClientSpec
+from ..registry import ClientSpec, current_settings
 
 
 async def create_http() -> aiohttp.ClientSession:
+    limit = current_settings().http_max_connections
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=256, limit_per_host=0, ttl_dns_cache=300),
+        connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0, ttl_dns_cache=300),
         timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=60),
         raise_for_status=False,
     )

@@ -82,8 +82,12 @@ class StorageClient:
         self.api_root = api_root.rstrip("/")
         self.emulator = emulator
         self.chunk_bytes = settings.storage_chunk_bytes
+        # ``connect`` bounds the wait for a free connection of the session's pool as well as
+        # the connection itself: with every connection held by transfers in progress, a call
+        # answers 503 rather than waiting for as long as they last.
+        connect = settings.storage_connect_timeout
         self.timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=10, sock_read=settings.storage_timeout
+            total=None, connect=connect, sock_connect=connect, sock_read=settings.storage_timeout
         )
         # gcloud-aio types its timeouts as int but hands a ClientTimeout through unchanged.
         self._aio_timeout = cast(int, self.timeout)

@@ -75,6 +75,12 @@ def translate(bucket: str | None, name: str | None) -> Iterator[None]:
         _, _, body = (exc.message or "").partition(": ")
         message = backend_message(body) if body else ""
         raise from_status(exc.status, message, bucket, name) from exc
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise Unavailable(
+            f"{BACKEND}: no connection to the backend in time: every connection of this server "
+            "may be in use by other transfers, or the backend is not accepting connections",
+            retry_after=RETRY_AFTER,
+        ) from exc
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         detail = str(exc) or type(exc).__name__
         raise Unavailable(
