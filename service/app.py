@@ -10,7 +10,7 @@ from quart import Quart, Response, jsonify
 from quart_schema import Info, QuartSchema, RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
-from . import gctune, limits, wsdeflate
+from . import gctune, hypercorn_close, limits, wsdeflate
 from .auth import SECURITY_SCHEMES, init_auth
 from .clients import builtin_clients
 from .clients.streaming import STREAMING
@@ -63,6 +63,7 @@ def create_app(
     app.register_blueprint(stream.blueprint)
     stream.install(app)
     wsdeflate.set_compression(settings.stream_compression)
+    hypercorn_close.bound_close()
     app.register_blueprint(storage.blueprint)
     _register_error_handlers(app)
 

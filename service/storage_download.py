@@ -21,13 +21,10 @@ from .clients.storage import StorageClient
 from .clients.storage_media import media_info
 from .errors import Unavailable
 from .registry import current_settings
-from .shutdown import GATE, ConnectionGate
 
 log = logging.getLogger("loopgate.storage")
 
 READ_BYTES = 256 * 1024
-# Seconds a download's client may take nothing once the server is shutting down.
-SHUTDOWN_IDLE_TIMEOUT = 2.0
 # Transferred bytes are counted in steps of this size: a metric update per chunk (in
 # multiprocess mode, a locked write to a shared file) costs a noticeable part of a chunk's time.
 COUNT_BYTES = 1024 * 1024
@@ -40,10 +37,6 @@ class DownloadBody:
     backend connection, so a client that goes away leaves nothing open. A client that stays but
     takes nothing for ``idle_timeout`` seconds (its receive window shut, the send of a chunk never
     finishing) has its response ended: the task sending it is cancelled, which closes the body.
-
-    Once the server shuts down, a client gets only ``SHUTDOWN_IDLE_TIMEOUT`` seconds: Hypercorn
-    (0.17, Python 3.11) waits for a connection it cancels at its graceful timeout to flush what it
-    still holds, and a client that reads nothing would keep the worker from ever exiting.
     """
 
     def __init__(
@@ -63,22 +56,7 @@ class DownloadBody:
         self._description = description
         self._sender: asyncio.Task[Any] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
-        self._gate: ConnectionGate | None = None
         metrics.STORAGE_TRANSFERS.labels(direction="down").inc()
-
-    def watch_shutdown(self, gate: ConnectionGate) -> None:
-        """Shorten the idle timeout when ``gate`` closes (now, if it has)."""
-        self._gate = gate
-        if gate.closing.is_set():
-            self._shutting_down()
-        else:
-            gate.on_close(self._shutting_down)
-
-    def _shutting_down(self) -> None:
-        self._idle_timeout = min(self._idle_timeout, SHUTDOWN_IDLE_TIMEOUT)
-        if self._watchdog is not None:  # a send is under way: time it from now
-            self._disarm()
-            self._arm()
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:
@@ -135,9 +113,6 @@ class DownloadBody:
 
     async def aclose(self) -> None:
         self._disarm()
-        if self._gate is not None:
-            self._gate.discard(self._shutting_down)
-            self._gate = None
         if not self._closed:
             self._closed = True
             self._count()
@@ -170,13 +145,10 @@ async def open_body(
     client: StorageClient, bucket: str, name: str, byte_range: tuple[int, int] | None = None
 ) -> DownloadBody:
     """The object's media (``byte_range`` inclusive), open and unread."""
-    gate = await GATE.get()
     context = client.download(bucket, name, byte_range)
     response = await context.__aenter__()
     idle = current_settings().download_idle_timeout
-    body = DownloadBody(context, response, idle_timeout=idle, description=f"{bucket}/{name}")
-    body.watch_shutdown(gate)
-    return body
+    return DownloadBody(context, response, idle_timeout=idle, description=f"{bucket}/{name}")
 
 
 async def check_generation(body: DownloadBody, generation: str, name: str) -> None:

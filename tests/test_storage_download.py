@@ -17,7 +17,6 @@ from service import create_app, storage_download
 from service.clients.storage import StorageClient
 from service.config import Settings
 from service.dev.emulators import StorageEmulator
-from service.shutdown import GATE
 
 
 @pytest.fixture
@@ -175,20 +174,3 @@ async def test_a_download_whose_client_takes_nothing_is_ended(idle_app: Quart, b
     await _serve_to_a_client_taking_nothing(idle_app, target, stuck)
     assert stuck.is_set()
     assert await _transfers_down(idle_app) == 0
-
-
-async def test_a_download_stalled_at_shutdown_is_ended_sooner(
-    app: Quart, bucket: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(storage_download, "SHUTDOWN_IDLE_TIMEOUT", 0.3)
-    target = path(bucket, "at-shutdown")
-    await _put(app, target)
-    stuck = asyncio.Event()
-    serving = asyncio.ensure_future(_serve_to_a_client_taking_nothing(app, target, stuck))
-    await asyncio.wait_for(stuck.wait(), WAIT)
-    assert await _transfers_down(app) == 1  # the idle timeout (60 s) would not end it
-    async with app.app_context():
-        gate = await GATE.get()
-    gate.close("the test shuts the server down")
-    await serving
-    assert await _transfers_down(app) == 0

@@ -12,7 +12,16 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import PROJECT, WAIT, PubSubAdmin, Server, Topic, spawn_server, wait_until_up
+from conftest import (
+    PROJECT,
+    WAIT,
+    PubSubAdmin,
+    Server,
+    Topic,
+    metric_value,
+    spawn_server,
+    wait_until_up,
+)
 
 from service.dev.emulators import PubSubEmulator, free_port
 
@@ -291,6 +300,35 @@ async def test_sigterm_closes_websockets_with_1001_and_ends_sse(
         await asyncio.to_thread(server.stop)
     assert server.process.returncode == 0
     assert "Traceback" not in server.log()
+
+
+async def test_sigterm_ends_a_worker_whose_subscriber_reads_nothing(
+    start_server: Any, topic: Topic
+) -> None:
+    # Hypercorn cancels the connection at its graceful timeout, then would wait forever to flush
+    # what it holds for a client that reads nothing; the close is bounded (service/hypercorn_close).
+    server = await start_server(
+        {"LOOPGATE_STREAM_QUEUE_SIZE": "100"}, args=["--graceful-timeout", "2"]
+    )
+    async with aiohttp.ClientSession() as session:
+        subscriber = await connect(session, server, topic.name)  # and never reads again
+        await publish(session, server, topic.name, 400, size=64 * 1024)  # beyond every buffer
+
+        async def dropped() -> float:
+            async with session.get(f"{server.url}/metrics") as response:
+                text = await response.text()
+            return metric_value(
+                text, "loopgate_stream_drops_total", topic=topic.name, reason="dropped"
+            )
+
+        # Messages are dropped only once the subscriber's writer is stuck on a full socket.
+        async with asyncio.timeout(WAIT):
+            while await dropped() < 100:
+                print("D", await dropped(), flush=True)
+                await asyncio.sleep(0.05)
+        assert subscriber.close_code is None  # still connected, taking nothing
+        assert await asyncio.to_thread(server.stop) == 0
+    assert "reset" in server.log()
 
 
 async def test_clients_receive_again_after_the_emulator_restarts(
