@@ -235,7 +235,7 @@ def targets(results: dict[Key, Series], concurrency: tuple[int, ...]) -> list[st
                     ratio = through.mb_per_s(size) / direct.mb_per_s(size)
                     verdict = "met" if ratio >= 0.8 else "NOT met"
                     lines.append(
-                        f"- {size // MB} MB {direction}, {_at_once(at_once)}: {ratio:.0%} "
+                        f"- {size // MB} MB {direction}, {_at_once(at_once)}: {ratio:.1%} "
                         f"-> {verdict}"
                     )
     return lines
