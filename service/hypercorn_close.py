@@ -53,7 +53,7 @@ def bound_close(seconds: float = FLUSH_SECONDS) -> None:
     def __await__(self: Any) -> Generator[Any]:
         task = asyncio.current_task()
         context = getattr(self, "context", None)
-        if task is not None and context is not None:
+        if task is not None and hasattr(getattr(context, "terminated", None), "wait"):
             _connections[self] = task
             _watch(task.get_loop(), context, seconds)
         return original(self)

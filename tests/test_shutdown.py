@@ -61,3 +61,15 @@ async def test_cancelling_the_connection_cancels_its_handler() -> None:
         await asyncio.wait_for(asyncio.gather(connection, return_exceptions=True), WAIT)
         # The handler ended with the connection, not later.
         assert ended.is_set()
+
+
+def test_hypercorn_connections_are_watched_by_one_wrapper() -> None:
+    from hypercorn.asyncio.tcp_server import TCPServer
+
+    from service import hypercorn_close
+
+    hypercorn_close.bound_close()
+    wrapped = TCPServer.__await__
+    hypercorn_close.bound_close()  # create_app runs it for every app: it wraps only once
+    assert TCPServer.__await__ is wrapped
+    assert getattr(wrapped, "_loopgate_bounded", False)
