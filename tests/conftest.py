@@ -264,6 +264,25 @@ def start_server(tmp_path: Path, pubsub_emulator: PubSubEmulator) -> Iterator[Ca
         server.stop()
 
 
+def http_scope(path: str, method: str = "GET") -> dict[str, Any]:
+    """An ASGI HTTP scope for calling an app directly (no server, no test client)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"loopgate")],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8080),
+        "extensions": {},
+    }
+
+
 def metric_value(text: str, name: str, **labels: str) -> float:
     """The value of one sample in Prometheus text, 0 when absent."""
     wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from conftest import WAIT, make_settings
+from conftest import WAIT, http_scope, make_settings
 from quart import Quart
 
 from service import create_app
@@ -30,21 +30,7 @@ async def test_cancelling_the_connection_cancels_its_handler() -> None:
             ended.set()
         return "never"
 
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/slow",
-        "raw_path": b"/slow",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"test")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 2),
-        "extensions": {},
-    }
+    scope = http_scope("/slow")
     idle = asyncio.Event()
 
     async def receive() -> dict[str, Any]:

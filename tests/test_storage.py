@@ -497,14 +497,7 @@ async def test_server_client_dropping_mid_upload(
     await _eventually(forwarding)
     writer.transport.abort()
 
-    async def released() -> bool:
-        text = await _metrics(server)
-        return (
-            metric_value(text, "loopgate_storage_transfers", direction="up") == 0
-            and _emulator_connections(worker, storage_emulator.port) == 0
-        )
-
-    await _eventually(released)
+    await _eventually(_released(server, worker, storage_emulator, "up"))
     assert "dropped" not in await _emulator_objects(storage_emulator, bucket)
     async with aiohttp.ClientSession() as http:
         async with http.get(url(server, bucket, "dropped")) as response:
@@ -524,14 +517,7 @@ async def test_server_client_dropping_mid_upload(
             await _eventually(downloading)
             response.close()
 
-    async def download_released() -> bool:
-        text = await _metrics(server)
-        return (
-            metric_value(text, "loopgate_storage_transfers", direction="down") == 0
-            and _emulator_connections(worker, storage_emulator.port) == 0
-        )
-
-    await _eventually(download_released)
+    await _eventually(_released(server, worker, storage_emulator, "down"))
     assert "Traceback" not in server.log()
 
 
@@ -611,6 +597,22 @@ async def _eventually(check: Callable[[], Awaitable[bool]], within: float = WAIT
     async with asyncio.timeout(within):
         while not await check():
             await asyncio.sleep(0.05)
+
+
+def _released(
+    server: Server, worker: int, emulator: StorageEmulator, direction: str
+) -> Callable[[], Awaitable[bool]]:
+    """A check that no transfer in ``direction`` is in progress and that the worker holds no
+    connection to the emulator."""
+
+    async def check() -> bool:
+        text = await _metrics(server)
+        return (
+            metric_value(text, "loopgate_storage_transfers", direction=direction) == 0
+            and _emulator_connections(worker, emulator.port) == 0
+        )
+
+    return check
 
 
 async def _metrics(server: Server) -> str:
@@ -740,15 +742,8 @@ async def test_server_a_download_whose_client_stops_reading_is_ended(
     await _put_large(server, bucket, "stalled")
     writer = await _stalled_download(server, bucket, "stalled")
 
-    async def released() -> bool:
-        text = await _metrics(server)
-        return (
-            metric_value(text, "loopgate_storage_transfers", direction="down") == 0
-            and _emulator_connections(worker, storage_emulator.port) == 0
-        )
-
     # The backend connection is let go while the client still holds its own.
-    await _eventually(released)
+    await _eventually(_released(server, worker, storage_emulator, "down"))
     assert not writer.transport.is_closing()
     async with aiohttp.ClientSession() as http:
         async with http.get(url(server, bucket, "stalled")) as response:

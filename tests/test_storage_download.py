@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import WAIT, make_settings, metric_value
+from conftest import WAIT, http_scope, make_settings, metric_value
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
@@ -109,24 +109,6 @@ async def test_transferred_bytes_are_all_counted(client: Client, bucket: str) ->
     assert await counted("down") == down + size
 
 
-def _get_scope(target: str) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": target,
-        "raw_path": target.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"loopgate")],
-        "client": ("127.0.0.1", 40000),
-        "server": ("127.0.0.1", 8080),
-        "extensions": {},
-    }
-
-
 async def _serve_to_a_client_taking_nothing(app: Quart, target: str, stuck: asyncio.Event) -> None:
     """Serve a GET of ``target`` to a client that takes the response head and then never
     finishes taking the first body chunk (its send blocks, as Hypercorn's does on a full socket),
@@ -147,7 +129,7 @@ async def _serve_to_a_client_taking_nothing(app: Quart, target: str, stuck: asyn
             stuck.set()
             await asyncio.Event().wait()
 
-    await asyncio.wait_for(app(_get_scope(target), receive, send), WAIT)
+    await asyncio.wait_for(app(http_scope(target), receive, send), WAIT)
 
 
 @pytest.fixture
