@@ -29,8 +29,11 @@ FLUSH_SECONDS = 3.0
 POLL_SECONDS = 0.25
 _MARK = "_loopgate_bounded"
 
-# Hypercorn's connection objects (TCPServer) and the task serving each.
-_connections: weakref.WeakKeyDictionary[Any, asyncio.Task[Any]] = weakref.WeakKeyDictionary()
+# Hypercorn's connection objects (TCPServer) and the task serving each. Weak both ways: a task
+# that ended with an error keeps, through its traceback, a reference to its connection.
+_connections: weakref.WeakKeyDictionary[Any, weakref.ref[asyncio.Task[Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 _watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = (
     weakref.WeakKeyDictionary()
 )
@@ -54,7 +57,7 @@ def bound_close(seconds: float = FLUSH_SECONDS) -> None:
         task = asyncio.current_task()
         context = getattr(self, "context", None)
         if task is not None and hasattr(getattr(context, "terminated", None), "wait"):
-            _connections[self] = task
+            _connections[self] = weakref.ref(task)
             _watch(task.get_loop(), context, seconds)
         return original(self)
 
@@ -75,8 +78,8 @@ async def _reset_stuck(loop: asyncio.AbstractEventLoop, context: Any, seconds: f
         now = loop.time()
         serving = [
             (connection, task)
-            for connection, task in list(_connections.items())
-            if task.get_loop() is loop and not task.done()
+            for connection, ref in list(_connections.items())
+            if (task := ref()) is not None and task.get_loop() is loop and not task.done()
         ]
         if not serving:
             return
