@@ -66,6 +66,21 @@ class Loopgate:
 def start_loopgate(env: dict[str, str], *, workers: int = 2, wait: float = 60.0) -> Loopgate:
     """Start loopgate with ``env`` added to this process's environment (LOOPGATE_* removed) and
     wait until ``/readyz`` answers 200."""
+    return start_server(env, workers=workers, wait=wait)
+
+
+def start_server(
+    env: dict[str, str],
+    *,
+    app: str = "service:create_app()",
+    probe: str = "/readyz",
+    any_answer: bool = False,
+    workers: int = 2,
+    wait: float = 60.0,
+) -> Loopgate:
+    """Serve ``app`` as :func:`start_loopgate` does, and wait until every worker is up and
+    ``probe`` answers 200 (or, with ``any_answer``, answers at all: for apps without a health
+    route)."""
     port = free_port()
     scratch = Path(tempfile.mkdtemp(prefix="loopgate-bench-"))
     full = {key: value for key, value in os.environ.items() if not key.startswith("LOOPGATE_")}
@@ -84,6 +99,7 @@ def start_loopgate(env: dict[str, str], *, workers: int = 2, wait: float = 60.0)
             hypercorn_command(
                 f"127.0.0.1:{port}",
                 workers=workers,
+                app=app,
                 extra=["--access-logfile", "/dev/null"],
             ),
             cwd=ROOT,
@@ -97,16 +113,19 @@ def start_loopgate(env: dict[str, str], *, workers: int = 2, wait: float = 60.0)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"loopgate exited at start; see {log_path}")
+            raise RuntimeError(f"{app} exited at start; see {log_path}")
         try:
-            with urllib.request.urlopen(f"{server.url}/readyz", timeout=2) as response:
-                if response.status == 200 and len(server.workers()) == workers:
-                    return server
+            with urllib.request.urlopen(f"{server.url}{probe}", timeout=2) as response:
+                answered = response.status == 200
+        except urllib.error.HTTPError:
+            answered = any_answer
         except OSError:
-            pass
+            answered = False
+        if answered and len(server.workers()) == workers:
+            return server
         time.sleep(0.2)
     server.stop()
-    raise RuntimeError(f"loopgate was not ready within {wait:g}s; see {log_path}")
+    raise RuntimeError(f"{app} was not ready within {wait:g}s; see {log_path}")
 
 
 def create_bucket(url: str, name: str) -> None:

@@ -16,12 +16,9 @@ import io
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +28,9 @@ import aiohttp
 from gcloud.aio.storage import Storage
 
 from service.auth_tokens import entry_toml, new_token
-from service.dev.emulators import StorageEmulator, free_port
-from service.dev.servers import hypercorn_command, stop_process
+from service.dev.emulators import StorageEmulator
 
-from .harness import commit, create_bucket, write_section
+from .harness import Loopgate, commit, create_bucket, start_server, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -46,6 +42,7 @@ Key = tuple[int, int, str, str]  # (size, transfers at once, path, direction)
 Transfer = Callable[[str, Any], Awaitable[None]]  # (object name, data or size)
 DEADLINE = 600.0  # the whole run stops after this many seconds
 OP_TIMEOUT = 120.0
+PROXY = "bench.apps.storage_proxy:app"
 
 
 @dataclass
@@ -75,58 +72,6 @@ def family(pid: int) -> list[int]:
         for child in children.read_text().split():
             pids += family(int(child))
     return pids
-
-
-def worker_of(server: subprocess.Popen[bytes]) -> int:
-    """The PID of the one worker process of a Hypercorn server."""
-    return next(
-        pid
-        for pid in family(server.pid)[1:]
-        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    )
-
-
-def start_loopgate(
-    emulator: StorageEmulator, port: int, token_file: Path
-) -> subprocess.Popen[bytes]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("LOOPGATE_")}
-    env.update(
-        LOOPGATE_PROJECT="bench",
-        LOOPGATE_BUCKETS=BUCKET,
-        LOOPGATE_EAGER="false",
-        LOOPGATE_AUTH_FILE=str(token_file),
-        STORAGE_EMULATOR_HOST=emulator.url,
-    )
-    return start_server(env, port, "service:create_app()", "/healthz")
-
-
-def start_proxy(emulator: StorageEmulator, port: int) -> subprocess.Popen[bytes]:
-    """The bare proxy peer (``bench/apps/storage_proxy.py``), one worker."""
-    env = {**os.environ, "STORAGE_EMULATOR_HOST": emulator.url}
-    return start_server(env, port, "bench.apps.storage_proxy:app", "/ready")
-
-
-def start_server(env: dict[str, str], port: int, app: str, probe: str) -> subprocess.Popen[bytes]:
-    """One Hypercorn worker serving ``app``, once it answers ``probe`` (any status)."""
-    command = hypercorn_command(
-        f"127.0.0.1:{port}", workers=1, app=app, extra=["--access-logfile", "/dev/null"]
-    )
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{probe}", timeout=1):
-                return process
-        except urllib.error.HTTPError:
-            return process
-        except OSError:
-            if process.poll() is not None:
-                raise RuntimeError(f"hypercorn serving {app} exited at start") from None
-            time.sleep(0.2)
-    stop_process(process)
-    raise RuntimeError(f"hypercorn serving {app} did not start")
 
 
 async def _all(operations: Iterable[Awaitable[None]]) -> None:
@@ -294,7 +239,7 @@ def main() -> int:
 
     emulator = StorageEmulator()
     emulator.start()
-    started: list[subprocess.Popen[bytes]] = []
+    started: list[Loopgate] = []
     scratch = tempfile.TemporaryDirectory(prefix="loopgate-bench-")
     try:
         create_bucket(emulator.url, BUCKET)
@@ -302,21 +247,27 @@ def main() -> int:
         token_file = Path(scratch.name) / "tokens.toml"
         scopes = [f"storage:read:{BUCKET}", f"storage:write:{BUCKET}"]
         token_file.write_text(entry_toml("bench", token, scopes))
-        ports = free_port(), free_port()
-        started.append(start_loopgate(emulator, ports[0], token_file))
-        started.append(start_proxy(emulator, ports[1]))
+        loopgate_env = {
+            "LOOPGATE_BUCKETS": BUCKET,
+            "LOOPGATE_EAGER": "false",
+            "LOOPGATE_AUTH_FILE": str(token_file),
+            "STORAGE_EMULATOR_HOST": emulator.url,
+        }
+        # No Pub/Sub here: /readyz would wait for it; /healthz says the worker serves.
+        started.append(start_server(loopgate_env, probe="/healthz", workers=1))
+        # The bare proxy has no health route: any answer (a 404) means it serves.
+        proxy_env = {"STORAGE_EMULATOR_HOST": emulator.url}
+        started.append(start_server(proxy_env, app=PROXY, probe="/", any_answer=True, workers=1))
+        loopgate, proxy = started
+        auth = {"Authorization": f"Bearer {token}"}
         servers = {
-            "loopgate": Server(
-                f"http://127.0.0.1:{ports[0]}",
-                worker_of(started[0]),
-                {"Authorization": f"Bearer {token}"},
-            ),
-            "proxy": Server(f"http://127.0.0.1:{ports[1]}", worker_of(started[1]), {}),
+            "loopgate": Server(loopgate.url, loopgate.workers()[0], auth),
+            "proxy": Server(proxy.url, proxy.workers()[0], {}),
         }
         assert emulator.process is not None
         ours = [os.getpid(), *family(emulator.process.pid)]
-        for process in started:
-            ours += family(process.pid)
+        for server in started:
+            ours += family(server.process.pid)
         cpu_before = {pid: cpu_seconds(pid) for pid in ours}
         busy_before, wall_before = busy_seconds(), time.monotonic()
         load_before = os.getloadavg()[0]
@@ -326,8 +277,8 @@ def main() -> int:
         used = {pid: cpu_seconds(pid) - before for pid, before in cpu_before.items()}
         others = max(0.0, busy - sum(used.values())) / wall
     finally:
-        for process in started:
-            stop_process(process)
+        for server in started:
+            server.stop()
         emulator.stop()
         scratch.cleanup()
 
