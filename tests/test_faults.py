@@ -193,7 +193,7 @@ GRACEFUL = 10  # seconds: Hypercorn's graceful timeout for this server (hypercor
 
 
 async def trickle(
-    data: bytes, step: int, go_on: asyncio.Event, sent: asyncio.Event
+    data: bytes, step: int, go_on: asyncio.Event, sent: asyncio.Event, began: asyncio.Event
 ) -> AsyncIterator[bytes]:
     """Yield ``data`` in ``step`` pieces; after the first half, wait for ``go_on``."""
     half = len(data) // 2
@@ -202,6 +202,7 @@ async def trickle(
             sent.set()
             await go_on.wait()
         yield data[start : start + step]
+        began.set()
 
 
 def emulator_objects(emulator: StorageEmulator, bucket: str) -> dict[str, str]:
@@ -220,10 +221,11 @@ async def test_sigterm_finishes_or_drops_uploads_and_exits_within_the_graceful_t
     data = {name: os.urandom(9 * MB) for name in ("finished", "stalled", "stalled-chunked")}
     go_on = {name: asyncio.Event() for name in data}
     halfway = {name: asyncio.Event() for name in data}
+    began = {name: asyncio.Event() for name in data}
     base = f"{server.url}/v1/buckets/{bucket}/objects"
 
     async def upload(session: aiohttp.ClientSession, name: str) -> int | str:
-        body = trickle(data[name], 256 * 1024, go_on[name], halfway[name])
+        body = trickle(data[name], 256 * 1024, go_on[name], halfway[name], began[name])
         # A known length streams in one resumable request; chunked encoding goes in pieces.
         headers = {} if name.endswith("chunked") else {"Content-Length": str(len(data[name]))}
         try:
@@ -238,9 +240,16 @@ async def test_sigterm_finishes_or_drops_uploads_and_exits_within_the_graceful_t
         assert (await asyncio.wait_for(ws.receive_json(), WAIT))["type"] == "subscribed"
         events = await session.get(f"{server.url}/v1/topics/{topic.name}/events")
         await asyncio.wait_for(events.content.readline(), WAIT)
-        uploads = {name: asyncio.create_task(upload(session, name)) for name in data}
+        # The storage emulator serves one request at a time, and reads an upload's body as it
+        # comes: the upload that will finish goes first, so that its backend request is the one
+        # being read. The others then wait for the emulator (their uploads not yet started) or,
+        # once it is done, stall halfway through their bodies.
+        uploads = {"finished": asyncio.create_task(upload(session, "finished"))}
+        await asyncio.wait_for(halfway["finished"].wait(), WAIT)
+        for name in ("stalled", "stalled-chunked"):
+            uploads[name] = asyncio.create_task(upload(session, name))
         async with asyncio.timeout(WAIT):
-            await asyncio.gather(*(event.wait() for event in halfway.values()))
+            await asyncio.gather(began["stalled"].wait(), began["stalled-chunked"].wait())
 
         server.process.send_signal(signal.SIGTERM)
         closing = await asyncio.wait_for(ws.receive(), WAIT)
