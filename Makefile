@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m service.dev.run
+	$(BIN)/python -m devtools.run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

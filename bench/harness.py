@@ -19,8 +19,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.dev.emulators import free_port
-from service.dev.servers import hypercorn_command, stop_process
+from devtools.emulators import free_port
+from devtools.servers import hypercorn_command, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "RESULTS.md"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from service.dev.servers import stop_process
+from devtools.servers import stop_process
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

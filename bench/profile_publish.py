@@ -22,8 +22,8 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from service.dev.emulators import PubSubEmulator, free_port
-from service.dev.run import create_topics
+from devtools.emulators import PubSubEmulator, free_port
+from devtools.run import create_topics
 
 from .load import run_wrk
 from .procs import Server, cpu_seconds

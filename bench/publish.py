@@ -22,8 +22,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from service.dev.emulators import EmulatorError, PubSubEmulator, free_port
-from service.dev.run import create_topics
+from devtools.emulators import EmulatorError, PubSubEmulator, free_port
+from devtools.run import create_topics
 
 from .load import Run, run_wrk
 from .procs import Server

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from service.dev.emulators import PubSubEmulator
+from devtools.emulators import PubSubEmulator
 
 from .harness import PROJECT, commit, conditions, create_topics, start_loopgate, write_section
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from service.dev.emulators import PubSubEmulator, StorageEmulator
+from devtools.emulators import PubSubEmulator, StorageEmulator
 
 from .harness import (
     Loopgate,

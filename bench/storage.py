@@ -27,8 +27,8 @@ from typing import Any
 import aiohttp
 from gcloud.aio.storage import Storage
 
-from service.auth_tokens import entry_toml, new_token
-from service.dev.emulators import StorageEmulator
+from devtools.emulators import StorageEmulator
+from service.auth.tokens import entry_toml, new_token
 
 from .harness import Loopgate, commit, create_bucket, start_server, write_section
 

@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from service.dev.servers import hypercorn_command, stop_process
+from devtools.servers import hypercorn_command, stop_process
 
 from .harness import write_section
 
@@ -348,7 +348,7 @@ def main() -> int:
     os.environ["BENCH_OFFER_DEFLATE"] = "1" if args.offer_compression else "0"
     os.environ["BENCH_SERVER_COMPRESSION"] = "1" if args.compression else "0"
     sys.path.insert(0, str(ROOT))
-    from service.dev.emulators import PubSubEmulator
+    from devtools.emulators import PubSubEmulator
 
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)

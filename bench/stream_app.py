@@ -27,11 +27,11 @@ from google.cloud import pubsub_v1
 from quart import Quart, websocket
 
 from service import create_app
-from service.clients.pubsub import SUBSCRIBER
-from service.clients.streaming import STREAMING, StreamingPull
-from service.fanout import FANOUT, Hub
-from service.listener import Frame, encode_message
-from service.registry import ClientSpec, current_settings
+from service.clients.pubsub.specs import SUBSCRIBER
+from service.clients.pubsub.streaming_pull import STREAMING, StreamingPull
+from service.loopclients.registry import ClientSpec, current_settings
+from service.streams.hub import FANOUT, Hub
+from service.streams.subscriber_queue import Frame, encode_message
 
 TICK = 0.01
 
@@ -47,7 +47,7 @@ class TimerHub(Hub):
 
 
 async def _create_timer_hub() -> Hub:
-    from service.shutdown import GATE
+    from service.streams.gate import GATE
 
     return TimerHub(current_settings(), await SUBSCRIBER.get(), None, await GATE.get())
 

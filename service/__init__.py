@@ -9,7 +9,13 @@ from . import metrics  # noqa: F401  (sets up multiprocess metrics before anythi
 from .app import create_app
 from .clients import get_http, get_publisher, get_subscriber
 from .config import Settings, SettingsError, load_settings
-from .registry import ClientSpec, Registry, current_registry, current_settings, has_registry
+from .loopclients.registry import (
+    ClientSpec,
+    Registry,
+    current_registry,
+    current_settings,
+    has_registry,
+)
 
 __all__ = [
     "ClientSpec",

@@ -10,18 +10,20 @@ from quart import Quart, Response, jsonify
 from quart_schema import Info, QuartSchema, RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
-from . import gctune, hypercorn_close, limits, wsdeflate
-from .auth import SECURITY_SCHEMES, init_auth
+from . import gctune
+from .auth import limits
+from .auth.access import SECURITY_SCHEMES, init_auth
 from .clients import builtin_clients
-from .clients.streaming import STREAMING
+from .clients.pubsub.streaming_pull import STREAMING
 from .config import Settings, load_settings
 from .errors import ServiceError, describe_validation_error, error_body
-from .fanout import FANOUT
 from .logs import configure_logging, init_request_ids
+from .loopclients.registry import ClientSpec, LoopRegistries, bind_registry
 from .openapi import LoopgateOpenAPIProvider
-from .registry import ClientSpec, LoopRegistries, bind_registry
-from .routes import health, publish, storage, stream
-from .shutdown import GATE, HTTPConnection
+from .routes import health, publish, storage, subscribe
+from .server import deflate, hypercorn_close
+from .streams.gate import GATE, HTTPConnection
+from .streams.hub import FANOUT
 
 log = logging.getLogger("loopgate")
 
@@ -33,7 +35,7 @@ def create_app(
 
     Args:
         settings: the service settings; read from ``LOOPGATE_*`` variables when omitted.
-        clients: clients of your own, declared with :class:`~service.registry.ClientSpec`;
+        clients: clients of your own, declared with :class:`~service.loopclients.registry.ClientSpec`;
             created, checked and closed per event loop like the built-in ones.
 
     Raises:
@@ -60,9 +62,9 @@ def create_app(
 
     app.register_blueprint(health.blueprint)
     app.register_blueprint(publish.blueprint)
-    app.register_blueprint(stream.blueprint)
-    stream.install(app)
-    wsdeflate.set_compression(settings.stream_compression)
+    app.register_blueprint(subscribe.blueprint)
+    subscribe.install(app)
+    deflate.set_compression(settings.stream_compression)
     hypercorn_close.bound_close()
     app.register_blueprint(storage.blueprint)
     _register_error_handlers(app)

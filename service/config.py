@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         default=True, description="Freeze startup's objects and collect garbage less often."
     )
 
-    # Authentication (service/auth.py): on unless explicitly "disabled".
+    # Authentication (service/auth/access.py): on unless explicitly "disabled".
     auth: Literal["enabled", "disabled"] = Field(default="enabled")
     auth_file: Path | None = Field(default=None, description="TOML file of API tokens.")
     auth_reload_interval: float = Field(
@@ -77,7 +77,7 @@ class Settings(BaseSettings):
         default=(), description="Browser origins allowed to open websockets ('*': any)."
     )
 
-    # Per-token limits, per worker process (service/limits.py); 0 turns a rate limit off.
+    # Per-token limits, per worker process (service/auth/limits.py); 0 turns a rate limit off.
     publish_rate: float = Field(default=200.0, ge=0, description="Publish requests/s per token.")
     publish_burst: int = Field(default=400, ge=1)
     publish_byte_rate: float = Field(default=20 * 1024 * 1024, ge=0, description="Bytes/s.")
@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    # Websocket and SSE subscribers (see service/fanout.py and service/routes/stream.py).
+    # Websocket and SSE subscribers (see service/streams/hub.py and service/routes/subscribe.py).
     subscriptions: CommaList = Field(
         default=(), description="Subscriptions served in queue mode (comma separated; '*' all)."
     )

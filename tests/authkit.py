@@ -8,7 +8,7 @@ from typing import Any
 
 import jwt
 
-from service.auth_tokens import digest, new_token
+from service.auth.tokens import digest, new_token
 
 JWT_SECRET = "a-test-secret-that-is-at-least-32-characters-long"
 

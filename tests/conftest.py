@@ -29,10 +29,10 @@ from google.cloud import pubsub_v1
 from quart import Quart
 from quart.typing import TestClientProtocol
 
+from devtools.emulators import PubSubEmulator, free_port
+from devtools.servers import hypercorn_command
 from service import create_app, load_settings
 from service.config import Settings
-from service.dev.emulators import PubSubEmulator, free_port
-from service.dev.servers import hypercorn_command
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "loopgate-test"
@@ -345,7 +345,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def storage_emulator() -> Iterator[Any]:
-    from service.dev.emulators import StorageEmulator
+    from devtools.emulators import StorageEmulator
 
     emulator = StorageEmulator().start()
     os.environ["STORAGE_EMULATOR_HOST"] = emulator.url

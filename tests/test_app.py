@@ -12,8 +12,8 @@ import pytest
 from conftest import create_topic_at, make_settings
 from quart import Quart, websocket
 
+from devtools.emulators import PubSubEmulator
 from service import ClientSpec, create_app, gctune, get_http, get_publisher
-from service.dev.emulators import PubSubEmulator
 
 
 class Pool:

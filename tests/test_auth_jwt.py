@@ -11,7 +11,7 @@ from conftest import make_settings
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from service.auth_jwt import InvalidJwt, JwtVerifier, looks_like_jwt
+from service.auth.jwts import InvalidJwt, JwtVerifier, looks_like_jwt
 from service.config import SettingsError
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from authkit import write_tokens
 
-from service.auth_tokens import (
+from service.auth.tokens import (
     Identity,
     TokenFileError,
     TokenStore,

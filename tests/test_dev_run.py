@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from conftest import ROOT, WAIT
 
-from service.dev.emulators import free_port
+from devtools.emulators import free_port
 
 pytestmark = pytest.mark.server
 

@@ -19,8 +19,8 @@ from quart.testing.connections import WebsocketResponseError
 from service import create_app
 from service.config import Settings
 from service.errors import TopicNotFound
-from service.fanout import FANOUT, Hub
-from service.listener import Bell, Frame, Listener, websocket_texts
+from service.streams.hub import FANOUT, Hub
+from service.streams.subscriber_queue import Bell, Frame, Listener, websocket_texts
 
 
 @pytest.fixture

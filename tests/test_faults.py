@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from conftest import WAIT, Server, create_topic_at
 
-from service.dev.emulators import PubSubEmulator, StorageEmulator
+from devtools.emulators import PubSubEmulator, StorageEmulator
 
 pytestmark = [pytest.mark.server, pytest.mark.emulator]
 

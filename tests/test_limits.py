@@ -17,7 +17,7 @@ from quart.testing.connections import WebsocketResponseError
 from wsapp import add_test_stream_route
 
 from service import create_app
-from service.limits import TokenBucket
+from service.auth.limits import TokenBucket
 
 BODY = {"messages": [{"data": base64.b64encode(b"x" * 30).decode()}]}
 FAST, SLOW, OTHER = new_token(), new_token(), new_token()

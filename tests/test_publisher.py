@@ -12,7 +12,7 @@ from google.api_core import exceptions as gexc
 
 from service import Registry
 from service.clients import PUBLISHER, builtin_clients
-from service.clients.publisher import (
+from service.clients.pubsub.publisher import (
     RAW_MESSAGE,
     RAW_REQUEST,
     OutgoingMessage,

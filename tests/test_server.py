@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, WAIT, Topic, create_topic_at, metric_value, spawn_server, wait_until_up
 from hypercorn.config import Config
 
-from service.dev.emulators import PubSubEmulator
+from devtools.emulators import PubSubEmulator
 
 pytestmark = pytest.mark.server
 

@@ -9,7 +9,7 @@ from conftest import WAIT, http_scope, make_settings
 from quart import Quart
 
 from service import create_app
-from service.shutdown import HTTPConnection
+from service.streams.gate import HTTPConnection
 
 
 def test_the_app_uses_it() -> None:
@@ -52,7 +52,7 @@ async def test_cancelling_the_connection_cancels_its_handler() -> None:
 def test_hypercorn_connections_are_watched_by_one_wrapper() -> None:
     from hypercorn.asyncio.tcp_server import TCPServer
 
-    from service import hypercorn_close
+    from service.server import hypercorn_close
 
     hypercorn_close.bound_close()
     wrapped = TCPServer.__await__

@@ -20,8 +20,8 @@ from quart import Quart
 from quart.typing import TestClientProtocol as Client
 from yarl import URL
 
+from devtools.emulators import StorageEmulator
 from service.config import Settings
-from service.dev.emulators import StorageEmulator
 
 NAMES = ["plain.txt", "dir/sub/file.bin", "with space/and more.txt", "ünï/ключ/名前.txt", "dir/"]
 BAD_NAMES = [

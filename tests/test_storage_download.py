@@ -13,10 +13,11 @@ from conftest import WAIT, http_scope, make_settings, metric_value
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
-from service import create_app, storage_download
-from service.clients.storage import StorageClient
+from devtools.emulators import StorageEmulator
+from service import create_app
+from service.clients.storage.client import StorageClient
 from service.config import Settings
-from service.dev.emulators import StorageEmulator
+from service.routes import storage_download
 
 
 @pytest.fixture

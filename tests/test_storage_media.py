@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from service.clients.storage_media import MediaInfo, media_info
+from service.clients.storage.media import MediaInfo, media_info
 
 
 def headers(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:

@@ -23,7 +23,7 @@ from conftest import (
     wait_until_up,
 )
 
-from service.dev.emulators import PubSubEmulator, free_port
+from devtools.emulators import PubSubEmulator, free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.emulator]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from quart import Quart, websocket
 
 from service import create_app as create_service_app
-from service.auth import current_identity, requires
-from service.limits import connection_slot
+from service.auth.access import current_identity, requires
+from service.auth.limits import connection_slot
 
 
 def add_test_stream_route(app: Quart) -> Quart:

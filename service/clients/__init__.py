@@ -12,11 +12,11 @@ from typing import Any
 import aiohttp
 from google.pubsub_v1 import SubscriberAsyncClient
 
-from ..registry import ClientSpec
-from .publisher import Publisher
-from .pubsub import CREDENTIALS, PUBLISHER, SUBSCRIBER
-from .session import HTTP
-from .storage import STORAGE, StorageClient
+from ..loopclients.registry import ClientSpec
+from .http import HTTP
+from .pubsub.publisher import Publisher
+from .pubsub.specs import CREDENTIALS, PUBLISHER, SUBSCRIBER
+from .storage.client import STORAGE, StorageClient
 
 
 def builtin_clients() -> list[ClientSpec[Any]]:

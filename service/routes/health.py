@@ -9,7 +9,7 @@ from quart_schema import hide
 
 from .. import metrics
 from ..errors import ClientUnavailable, error_body
-from ..registry import current_registry
+from ..loopclients.registry import current_registry
 
 blueprint = Blueprint("health", __name__)
 

@@ -22,9 +22,10 @@ from typing_extensions import TypedDict  # pydantic reads typing's only from Pyt
 from werkzeug.exceptions import RequestTimeout
 
 from .. import metrics
-from ..auth import requires
+from ..auth.access import requires
+from ..auth.limits import publish_limited
 from ..clients import get_publisher
-from ..clients.publisher import OutgoingMessage
+from ..clients.pubsub.publisher import OutgoingMessage
 from ..errors import (
     ErrorResponse,
     InvalidArgument,
@@ -33,8 +34,7 @@ from ..errors import (
     TopicNotFound,
     describe_validation_error,
 )
-from ..limits import publish_limited
-from ..registry import current_settings
+from ..loopclients.registry import current_settings
 
 blueprint = Blueprint("publish", __name__)
 

@@ -8,7 +8,7 @@
   metadata.
 
 Bodies stream through in chunks both ways, so memory stays flat whatever the object's size; see
-:mod:`service.streaming` for how uploads are read with back-pressure.
+:mod:`service.server.request_body` for how uploads are read with back-pressure.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from quart_schema import document_response
 from werkzeug.http import quote_etag
 from werkzeug.routing import PathConverter
 
-from .. import metrics, streaming
-from ..auth import requires
+from .. import metrics
+from ..auth.access import requires
 from ..clients import get_storage
-from ..clients.storage import object_metadata
+from ..clients.storage.client import object_metadata
+from ..clients.storage.names import MAX_PAGE_SIZE, check_bucket, check_name, decode_token, page
 from ..errors import (
     ErrorResponse,
     InvalidArgument,
@@ -35,8 +36,9 @@ from ..errors import (
     RangeNotSatisfiable,
     error_body,
 )
-from ..registry import current_settings
-from ..storage_download import (
+from ..loopclients.registry import current_settings
+from ..server import request_body
+from .storage_download import (
     COUNT_BYTES,
     check_generation,
     metadata_headers,
@@ -44,7 +46,6 @@ from ..storage_download import (
     streamed,
     whole_object,
 )
-from ..storage_rules import MAX_PAGE_SIZE, check_bucket, check_name, decode_token, page
 
 log = logging.getLogger("loopgate.storage")
 
@@ -62,14 +63,14 @@ class ObjectNameConverter(PathConverter):
 @blueprint.record_once
 def _setup(state: BlueprintSetupState) -> None:
     state.app.url_map.converters["object"] = ObjectNameConverter
-    streaming.install(cast(Quart, state.app))
+    request_body.install(cast(Quart, state.app))
 
 
 # -- upload -------------------------------------------------------------------------------------
 
 
 async def _request_chunks(limit: int) -> AsyncIterator[bytes]:
-    stream = streaming.request_stream()
+    stream = request_body.request_stream()
     idle = current_settings().upload_idle_timeout
     source = stream.chunks(idle) if stream is not None else request.body
     counter = metrics.STORAGE_BYTES.labels(direction="up")
@@ -95,7 +96,7 @@ async def _request_chunks(limit: int) -> AsyncIterator[bytes]:
 @document_response(ErrorResponse, 412)
 @document_response(ErrorResponse, 413)
 @document_response(ErrorResponse, 503)
-@streaming.streams_body
+@request_body.streams_body
 async def put_object(bucket: str, name: str) -> Response:
     """Create or replace an object from the request body."""
     check_bucket(bucket)
@@ -128,12 +129,12 @@ async def put_object(bucket: str, name: str) -> Response:
             resource = await client.upload_stream(
                 bucket, name, chunks, size=length, content_type=content_type, if_absent=if_absent
             )
-    except streaming.ClientDisconnected:
+    except request_body.ClientDisconnected:
         log.info("upload of %s/%s abandoned: the client disconnected", bucket, name)
         refused = jsonify(error_body(400, "the client disconnected during the upload"))
         refused.status_code = 400
         return refused
-    except streaming.BodyStalled as exc:
+    except request_body.BodyStalled as exc:
         log.info("upload of %s/%s abandoned: %s", bucket, name, exc)
         stalled = jsonify(error_body(408, f"upload abandoned: {exc}"))
         stalled.status_code = 408

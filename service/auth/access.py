@@ -35,11 +35,11 @@ from typing import Any, ParamSpec, TypeVar
 from quart import Quart, current_app, g, has_websocket_context, request, websocket
 from quart_schema import document_response, security_scheme
 
-from .auth_jwt import InvalidJwt, JwtVerifier, looks_like_jwt
-from .auth_tokens import ANONYMOUS, Identity, TokenFileError, TokenStore
-from .config import Settings, SettingsError
-from .errors import ErrorResponse, Forbidden, Unauthenticated
-from .logs import principal_var
+from ..config import Settings, SettingsError
+from ..errors import ErrorResponse, Forbidden, Unauthenticated
+from ..logs import principal_var
+from .jwts import InvalidJwt, JwtVerifier, looks_like_jwt
+from .tokens import ANONYMOUS, Identity, TokenFileError, TokenStore
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -23,7 +23,7 @@ event; those published while it was away are not replayed (Pub/Sub keeps no per-
 ``GET /v1/subscriptions/{subscription}/stream`` (websocket, queue mode): the messages of an existing
 subscription (allowed by ``LOOPGATE_SUBSCRIPTIONS``), each frame a ``message`` with an ``ackId``.
 The client answers ``{"ack": [ackId, ...]}`` or ``{"nack": [ackId, ...]}``; unknown ids are answered
-with ``{"type": "error", ...}``. See :mod:`service.queue`.
+with ``{"type": "error", ...}``. See :mod:`service.streams.queue_mode`.
 
 Errors before the stream starts are answered as HTTP errors: 400 bad name, 404 topic/subscription
 not served or missing, 503 (``Retry-After``) when Pub/Sub is down, at the connection limit
@@ -45,16 +45,16 @@ from quart.asgi import ASGIWebsocketConnection
 from quart_schema import document_response
 
 from .. import metrics
-from ..auth import current_identity, requires
-from ..clients.pubsub import SUBSCRIBER
-from ..clients.streaming import STREAMING
+from ..auth.access import current_identity, requires
+from ..auth.limits import connection_slot, current_limiter
+from ..clients.pubsub.specs import SUBSCRIBER
+from ..clients.pubsub.streaming_pull import STREAMING
 from ..errors import BackendError, ErrorResponse, InvalidArgument, NotFound
-from ..fanout import FANOUT
-from ..limits import connection_slot, current_limiter
-from ..listener import Batch, Listener, StreamClosed, dropped_text, websocket_texts
-from ..queue import QueueConsumer
-from ..registry import current_settings
-from ..shutdown import GATE
+from ..loopclients.registry import current_settings
+from ..streams.gate import GATE
+from ..streams.hub import FANOUT
+from ..streams.queue_mode import QueueConsumer
+from ..streams.subscriber_queue import Batch, Listener, StreamClosed, dropped_text, websocket_texts
 from .publish import TOPIC_NAME, check_topic
 
 blueprint = Blueprint("stream", __name__)

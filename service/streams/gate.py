@@ -28,8 +28,8 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 from quart.asgi import ASGIHTTPConnection
 from quart.utils import cancel_tasks, raise_task_exceptions
 
-from .errors import Unavailable
-from .registry import ClientSpec, current_settings
+from ..errors import Unavailable
+from ..loopclients.registry import ClientSpec, current_settings
 
 log = logging.getLogger("loopgate.shutdown")
 

@@ -29,9 +29,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
-from . import metrics
-from .config import Settings
-from .errors import ClientUnavailable, ForeignLoopError
+from .. import metrics
+from ..config import Settings
+from ..errors import ClientUnavailable, ForeignLoopError
 
 T = TypeVar("T")
 

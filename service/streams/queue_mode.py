@@ -6,7 +6,7 @@ connection holds (``queue_max_outstanding``) and its lease management extends th
 while the client holds them, up to ``queue_max_lease`` seconds; after that Pub/Sub redelivers them.
 A nack, and every message still held when the connection ends, is nacked so Pub/Sub redelivers it
 at once (at-least-once). When the connection ends, its stream is ended gracefully first (the request
-side closed, then read until Pub/Sub ends it; see :mod:`service.clients.streaming`), and only then
+side closed, then read until Pub/Sub ends it; see :mod:`service.clients.pubsub.streaming_pull`), and only then
 are the messages it held, and any that arrived meanwhile, nacked with a unary call. Nacked while the
 stream was open, Pub/Sub could hand them straight back to it; and a stream that is merely cancelled
 can for a while (on the emulator, for minutes) still be handed messages that nobody then sees until
@@ -24,9 +24,9 @@ from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 from google.pubsub_v1 import SubscriberAsyncClient
 
-from .clients.streaming import StreamingPull
-from .config import Settings
-from .listener import CLOSE_GOING_AWAY, StreamClosed, encode_message
+from ..clients.pubsub.streaming_pull import StreamingPull
+from ..config import Settings
+from .subscriber_queue import CLOSE_GOING_AWAY, StreamClosed, encode_message
 
 log = logging.getLogger("loopgate.queue")
 

@@ -18,8 +18,8 @@ from google.pubsub_v1.services.subscriber.transports.grpc_asyncio import (
     SubscriberGrpcAsyncIOTransport,
 )
 
-from ..registry import ClientSpec, current_settings
-from .credentials import RefreshingCredentials
+from ...loopclients.registry import ClientSpec, current_settings
+from ..credentials import RefreshingCredentials
 from .publisher import BatchSettings, Publisher
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [

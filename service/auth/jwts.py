@@ -18,8 +18,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from .auth_tokens import Identity
-from .config import Settings, SettingsError
+from ..config import Settings, SettingsError
+from .tokens import Identity
 
 log = logging.getLogger("loopgate.auth")
 

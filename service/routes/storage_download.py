@@ -16,11 +16,11 @@ from multidict import CIMultiDictProxy
 from quart import Response
 from werkzeug.http import quote_etag
 
-from . import metrics
-from .clients.storage import StorageClient
-from .clients.storage_media import media_info
-from .errors import Unavailable
-from .registry import current_settings
+from .. import metrics
+from ..clients.storage.client import StorageClient
+from ..clients.storage.media import media_info
+from ..errors import Unavailable
+from ..loopclients.registry import current_settings
 
 log = logging.getLogger("loopgate.storage")
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from google.api_core.exceptions import AlreadyExists
 from google.cloud import pubsub_v1
+from service.auth.tokens import entry_toml, new_token
 
-from ..auth_tokens import entry_toml, new_token
 from .emulators import EmulatorError, PubSubEmulator, StorageEmulator
 from .servers import ROOT, hypercorn_command, stop_process
 

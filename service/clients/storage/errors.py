@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import aiohttp
 
-from ..errors import (
+from ...errors import (
     BackendError,
     InvalidArgument,
     NotFound,

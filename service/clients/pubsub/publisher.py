@@ -34,8 +34,8 @@ from google.api_core.retry import AsyncRetry, if_exception_type
 from google.pubsub_v1 import PublisherAsyncClient
 from google.pubsub_v1.types import PublishRequest, PublishResponse, PubsubMessage
 
-from .. import metrics
-from ..errors import (
+from ... import metrics
+from ...errors import (
     BackendError,
     ClientUnavailable,
     ForeignLoopError,

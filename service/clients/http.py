@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from ..registry import ClientSpec, current_settings
+from ..loopclients.registry import ClientSpec, current_settings
 
 
 async def create_http() -> aiohttp.ClientSession:

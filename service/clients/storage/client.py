@@ -36,11 +36,11 @@ import aiohttp
 from gcloud.aio.auth import Token
 from gcloud.aio.storage import Storage
 
-from ..config import Settings
-from ..errors import NotFound
-from ..registry import ClientSpec, current_settings
-from .session import HTTP
-from .storage_errors import BodyError, raise_for_status, translate
+from ...config import Settings
+from ...errors import NotFound
+from ...loopclients.registry import ClientSpec, current_settings
+from ..http import HTTP
+from .errors import BodyError, raise_for_status, translate
 
 SCOPES = ["https://www.googleapis.com/auth/devstorage.read_write"]
 DEFAULT_API_ROOT = "https://storage.googleapis.com"

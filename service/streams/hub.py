@@ -17,14 +17,14 @@ subscription of a worker that crashed disappears by itself. At startup a worker 
 leftovers of its own prefix and host: subscriptions of processes that are gone, and subscriptions
 whose topic was deleted.
 
-Each received batch is serialized once (:func:`~service.listener.encode_message`), put in every
-local subscriber's bounded queue, at most once per ``subscribers / stream_frame_rate`` seconds so
+Each received batch is serialized once (:func:`~service.streams.subscriber_queue.encode_message`),
+put in every local subscriber's bounded queue, at most once per ``subscribers / stream_frame_rate`` seconds so
 that messages arriving close together share one websocket frame (see :meth:`Hub.fanout`), and
 acked once it is there. A message that reaches the worker during a round of writes joins that
 round for the connections it has not reached yet (:meth:`Hub._refill`). A full queue drops its
 oldest messages (the client is told how many) or closes the connection with 1013, per
 ``stream_slow_policy``; it never delays the other subscribers. The streaming pull resumes by itself
-after errors (see :mod:`service.clients.streaming`); when the subscription is gone (an emulator
+after errors (see :mod:`service.clients.pubsub.streaming_pull`); when the subscription is gone (an emulator
 restart, a deleted topic) it is created again, and connected subscribers receive again once it is
 back.
 """
@@ -47,12 +47,14 @@ from google.protobuf import duration_pb2
 from google.pubsub_v1 import SubscriberAsyncClient
 from google.pubsub_v1.types import ExpirationPolicy, Subscription
 
-from . import metrics
-from .clients.pubsub import SUBSCRIBER
-from .clients.streaming import STREAMING, StreamingPull
-from .config import Settings
-from .errors import BackendError, TopicNotFound, Unavailable
-from .listener import (
+from .. import metrics
+from ..clients.pubsub.specs import SUBSCRIBER
+from ..clients.pubsub.streaming_pull import STREAMING, StreamingPull
+from ..config import Settings
+from ..errors import BackendError, TopicNotFound, Unavailable
+from ..loopclients.registry import ClientSpec, current_settings
+from .gate import GATE, ConnectionGate
+from .subscriber_queue import (
     CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
     Bell,
@@ -61,8 +63,6 @@ from .listener import (
     Listener,
     encode_message,
 )
-from .registry import ClientSpec, current_settings
-from .shutdown import GATE, ConnectionGate
 
 log = logging.getLogger("loopgate.fanout")
 

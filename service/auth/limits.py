@@ -29,10 +29,10 @@ from typing import Any, ParamSpec, TypeVar
 
 from quart import current_app, request
 
-from .auth import current_identity
-from .auth_tokens import Identity
-from .config import Settings
-from .errors import RateLimited
+from ..config import Settings
+from ..errors import RateLimited
+from .access import current_identity
+from .tokens import Identity
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -213,7 +213,7 @@ def connection_slot(identity: Identity | None = None) -> Any:
 
 
 def publish_limited(view: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Decorate a publish view (below :func:`~service.auth.requires`): charge the caller's
+    """Decorate a publish view (below :func:`~service.auth.access.requires`): charge the caller's
     publish buckets one request and the body's bytes, or answer 429."""
 
     @functools.wraps(view)

@@ -1,0 +1,1 @@
+"""Pub/Sub: the per-loop gRPC clients, the batching publisher and the streaming pull."""

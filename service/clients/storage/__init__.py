@@ -1,0 +1,1 @@
+"""Cloud Storage: the per-loop gcloud-aio-storage client, its errors, names and media responses."""

@@ -1,1 +1,0 @@
-"""Local development: emulators on loopback and the ``make run`` launcher."""

@@ -1,0 +1,1 @@
+"""Subscribers: the per-worker fan-out hub, subscriber queues and frames, and queue mode."""
