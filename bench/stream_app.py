@@ -29,7 +29,8 @@ from quart import Quart, websocket
 from service import create_app
 from service.clients.pubsub.specs import SUBSCRIBER
 from service.clients.pubsub.streaming_pull import STREAMING, StreamingPull
-from service.loopclients.registry import ClientSpec, current_settings
+from service.config import current_settings
+from service.loopclients import ClientSpec
 from service.streams.hub import FANOUT, Hub
 from service.streams.subscriber_queue import Frame, encode_message
 
@@ -82,7 +83,7 @@ async def _timer(hub: Hub, topic: str, rate: float, go: asyncio.Event) -> None:
 
 def ceiling_app() -> Quart:
     app = create_app()
-    loops = app.extensions["loopgate"]
+    loops = app.extensions["loopclients"]
     loops.specs = [
         ClientSpec("fanout", create=_create_timer_hub, close=lambda hub: hub.aclose())
         if spec.name == "fanout"

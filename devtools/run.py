@@ -27,6 +27,7 @@ from pathlib import Path
 
 from google.api_core.exceptions import AlreadyExists
 from google.cloud import pubsub_v1
+
 from service.auth.tokens import entry_toml, new_token
 
 from .emulators import EmulatorError, PubSubEmulator, StorageEmulator

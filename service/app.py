@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from quart import Quart, Response, jsonify
 from quart_schema import Info, QuartSchema, RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
-from . import gctune
+from . import gctune, metrics
 from .auth import limits
 from .auth.access import SECURITY_SCHEMES, init_auth
 from .clients import builtin_clients
 from .clients.pubsub.streaming_pull import STREAMING
 from .config import Settings, load_settings
-from .errors import ServiceError, describe_validation_error, error_body
+from .errors import ServiceError, Unavailable, describe_validation_error, error_body
 from .logs import configure_logging, init_request_ids
-from .loopclients.registry import ClientSpec, LoopRegistries, bind_registry
+from .loopclients import ClientSpec, ClientUnavailable, ForeignLoopError, LoopClients
 from .openapi import LoopgateOpenAPIProvider
 from .routes import health, publish, storage, subscribe
 from .server import deflate, hypercorn_close
@@ -35,7 +35,7 @@ def create_app(
 
     Args:
         settings: the service settings; read from ``LOOPGATE_*`` variables when omitted.
-        clients: clients of your own, declared with :class:`~service.loopclients.registry.ClientSpec`;
+        clients: clients of your own, declared with :class:`~service.loopclients.ClientSpec`;
             created, checked and closed per event loop like the built-in ones.
 
     Raises:
@@ -57,8 +57,16 @@ def create_app(
     init_auth(app, settings)
     app.extensions[limits.EXTENSION] = limits.Limiter(settings)
 
-    loops = LoopRegistries([*builtin_clients(), GATE, STREAMING, FANOUT, *clients], settings)
-    app.extensions["loopgate"] = loops
+    LoopClients(
+        [*builtin_clients(), GATE, STREAMING, FANOUT, *clients],
+        config=settings,
+        eager=settings.eager,
+        create_timeout=settings.client_create_timeout,
+        close_timeout=settings.client_close_timeout,
+        backoff_initial=settings.backoff_initial,
+        backoff_max=settings.backoff_max,
+        hooks=metrics.CLIENT_HOOKS,
+    ).init_app(app)
 
     app.register_blueprint(health.blueprint)
     app.register_blueprint(publish.blueprint)
@@ -69,30 +77,12 @@ def create_app(
     app.register_blueprint(storage.blueprint)
     _register_error_handlers(app)
 
-    @app.before_request
-    @app.before_websocket
-    async def bind() -> None:
-        # Quart runs startup in a task of its own and resets its context afterwards, so a context
-        # variable set at startup never reaches requests: every request binds its loop's registry.
-        bind_registry(loops.registry_for_running_loop())
+    if settings.gc_tuning:
 
-    @app.while_serving  # type: ignore[type-var]
-    async def lifespan() -> AsyncIterator[None]:
-        registry = loops.registry_for_running_loop()
-        bind_registry(registry)
-        if settings.eager:
-            for name, reason in (await registry.start()).items():
-                log.warning("starting degraded: client %r is down: %s", name, reason)
-        if settings.gc_tuning:
-            gctune.settle()
-        yield
-        try:
-            await registry.aclose()
-        except ExceptionGroup as group:
-            for error in group.exceptions:
-                log.error("%s", error)
-        finally:
-            loops.forget(registry)
+        @app.while_serving
+        async def settle_garbage_collection() -> AsyncGenerator[None, None]:
+            gctune.settle()  # after the clients' startup allocations
+            yield
 
     return app
 
@@ -100,7 +90,16 @@ def create_app(
 def _register_error_handlers(app: Quart) -> None:
     @app.errorhandler(ServiceError)
     async def service_error(error: ServiceError) -> tuple[Response, int, dict[str, str]]:
-        return jsonify(error.body()), error.status_code, error.headers()
+        return _service_error(error)
+
+    @app.errorhandler(ClientUnavailable)
+    async def client_unavailable(error: ClientUnavailable) -> tuple[Response, int, dict[str, str]]:
+        return _service_error(Unavailable(error.message, retry_after=error.retry_after))
+
+    @app.errorhandler(ForeignLoopError)
+    async def foreign_loop(error: ForeignLoopError) -> tuple[Response, int]:
+        log.error("%s", error)
+        return jsonify(error_body(500, error.message)), 500
 
     @app.errorhandler(RequestSchemaValidationError)
     async def schema_error(error: RequestSchemaValidationError) -> tuple[Response, int]:
@@ -125,3 +124,7 @@ def _register_error_handlers(app: Quart) -> None:
     async def unexpected(error: Exception) -> tuple[Response, int]:
         log.exception("unhandled error", exc_info=error)
         return jsonify(error_body(500, "internal error")), 500
+
+
+def _service_error(error: ServiceError) -> tuple[Response, int, dict[str, str]]:
+    return jsonify(error.body()), error.status_code, error.headers()

@@ -218,3 +218,19 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
             field = ".".join(str(part) for part in error["loc"]) or "settings"
             problems.append(f"{ENV_PREFIX}{field.upper()}: {error['msg']}")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+
+def current_settings() -> Settings:
+    """The settings of the app serving the current request, websocket or background task.
+
+    They are the ``config`` of the bound client registry, so client factories reach them too.
+
+    Raises:
+        RuntimeError: no loopgate registry is bound (called outside the app).
+    """
+    from .loopclients import current_registry
+
+    config = current_registry().config
+    if not isinstance(config, Settings):
+        raise RuntimeError("the bound client registry was not made by loopgate's create_app()")
+    return config

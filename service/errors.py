@@ -128,15 +128,6 @@ class Unavailable(ServiceError):
         super().__init__(message, retry_after=retry_after)
 
 
-class ClientUnavailable(Unavailable):
-    """A client could not be created (or is shutting down)."""
-
-    def __init__(self, client: str, reason: str, *, retry_after: float = 1.0) -> None:
-        super().__init__(f"client {client!r} is unavailable: {reason}", retry_after=retry_after)
-        self.client = client
-        self.reason = reason
-
-
 class PublisherOverloaded(Unavailable):
     """Accepting more messages would exceed the publisher's pending bounds."""
 
@@ -197,17 +188,6 @@ class RateLimited(ServiceError):
 
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message, retry_after=retry_after)
-
-
-class ForeignLoopError(ServiceError, RuntimeError):
-    """A client made on one event loop was used from another one."""
-
-    def __init__(self, client: str) -> None:
-        super().__init__(
-            f"client {client!r} belongs to another event loop: clients are per event loop; "
-            "reach it through its accessor inside the loop that serves the request"
-        )
-        self.client = client
 
 
 class ErrorResponse(BaseModel):

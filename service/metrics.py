@@ -36,6 +36,8 @@ from prometheus_client import (  # noqa: E402  (the directory must be set before
     multiprocess,
 )
 
+from .loopclients import Hooks  # noqa: E402
+
 CLIENT_CREATIONS = Counter(
     "loopgate_client_creations", "Clients created, per client name.", ["client"]
 )
@@ -110,6 +112,12 @@ STORAGE_TRANSFERS = Gauge(
     "Object uploads and downloads in progress, by direction.",
     ["direction"],
     multiprocess_mode="livesum",
+)
+
+
+CLIENT_HOOKS = Hooks(
+    created=lambda name: CLIENT_CREATIONS.labels(client=name).inc(),
+    failed=lambda name, _error: CLIENT_CREATION_FAILURES.labels(client=name).inc(),
 )
 
 

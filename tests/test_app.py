@@ -96,7 +96,7 @@ async def test_accessors_reach_clients_from_every_kind_of_handler(pubsub_emulato
 
 async def test_clients_are_created_at_startup_and_closed_at_shutdown(pubsub_emulator: Any) -> None:
     app = create_app(make_settings())
-    loops = app.extensions["loopgate"]
+    loops = app.extensions["loopclients"]
     async with app.test_app():
         registry = loops.registry_for_running_loop()
         assert {"http", "publisher", "subscriber"} <= set(registry.created())
@@ -122,7 +122,7 @@ async def test_garbage_collection_is_settled_after_startup(
     gc.set_threshold(700, 10, 10)
     app = create_app(make_settings(gc_tuning=tuning))
     async with app.test_app():
-        registry = app.extensions["loopgate"].registry_for_running_loop()
+        registry = app.extensions["loopclients"].registry_for_running_loop()
         publisher = registry.peek("publisher")
         if tuning:
             assert gc.get_threshold() == gctune.THRESHOLDS
@@ -137,7 +137,7 @@ async def test_garbage_collection_is_settled_after_startup(
 async def test_lazy_mode_creates_nothing_at_startup(pubsub_emulator: Any) -> None:
     app = create_app(make_settings(eager=False))
     async with app.test_app():
-        registry = app.extensions["loopgate"].registry_for_running_loop()
+        registry = app.extensions["loopclients"].registry_for_running_loop()
         assert registry.created() == []
         response = await app.test_client().get("/readyz")
         assert response.status_code == 200

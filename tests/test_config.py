@@ -57,4 +57,4 @@ def test_create_app_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
         create_app()
     monkeypatch.delenv("LOOPGATE_BOGUS")
     app = create_app()
-    assert app.extensions["loopgate"].settings.project == "from-env"
+    assert app.extensions["loopclients"].config.project == "from-env"

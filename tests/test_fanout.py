@@ -29,7 +29,7 @@ def settings() -> Settings:
 
 
 async def _hub(app: Quart) -> Hub:
-    registry = app.extensions["loopgate"].registry_for_running_loop()
+    registry = app.extensions["loopclients"].registry_for_running_loop()
     with registry.bind():
         return await FANOUT.get()
 

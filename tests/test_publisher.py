@@ -19,11 +19,12 @@ from service.clients.pubsub.publisher import (
     Publisher,
     wire_size,
 )
-from service.errors import BackendError, ForeignLoopError, PublisherOverloaded, TopicNotFound
+from service.errors import BackendError, PublisherOverloaded, TopicNotFound
+from service.loopclients import ForeignLoopError
 
 
 async def publisher_with(pubsub_emulator: Any, **overrides: Any) -> tuple[Registry, Publisher]:
-    registry = Registry(builtin_clients(), make_settings(**overrides))
+    registry = Registry(builtin_clients(), config=make_settings(**overrides))
     with registry.bind():
         publisher = await PUBLISHER.get()
     return registry, publisher

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 from google.pubsub_v1 import SubscriberAsyncClient
 
-from ..loopclients.registry import ClientSpec
+from ..loopclients import ClientSpec
 from .http import HTTP
 from .pubsub.publisher import Publisher
 from .pubsub.specs import CREDENTIALS, PUBLISHER, SUBSCRIBER

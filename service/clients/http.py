@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import aiohttp
 
-from ..loopclients.registry import ClientSpec, current_settings
+from ..config import current_settings
+from ..loopclients import ClientSpec
 
 
 async def create_http() -> aiohttp.ClientSession:

@@ -1,21 +1,10 @@
-"""Per-event-loop clients: declared once, created once per loop, closed in reverse order.
+"""Clients declared once and created once per event loop, under a lock, closed in reverse order.
 
 A client is declared with a :class:`ClientSpec`: a name, an async factory and an async close. A
-:class:`Registry` holds the instances of one event loop. Handlers never hold a registry or a client in a
-global; they call an accessor, which finds the registry of the running request through a context
-variable::
-
-    DB = ClientSpec("db", create=make_pool, close=lambda pool: pool.close())
-    app = create_app(clients=[DB])
-
-    @app.get("/rows")
-    async def rows():
-        pool = await DB.get()          # the pool of this event loop
-        ...
-
-Creation is lazy and guarded by an ``asyncio.Lock`` per client (double-checked): however many tasks
-race on a cold loop, the factory runs once. A failed creation is not cached: it is retried after a
-bounded exponential backoff, and calls inside the backoff window fail fast with a 503.
+:class:`Registry` holds the instances of one event loop. Creation is lazy and single-flight: an
+``asyncio.Lock`` per client (double-checked) makes the factory run once however many tasks race
+on a cold loop. A failed creation is not cached: it is retried after a bounded exponential
+backoff, and calls inside the backoff window fail fast with :class:`ClientUnavailable`.
 """
 
 from __future__ import annotations
@@ -24,26 +13,16 @@ import asyncio
 import contextvars
 import logging
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
-from .. import metrics
-from ..config import Settings
-from ..errors import ClientUnavailable, ForeignLoopError
+from .context import _cv_registry, current_registry
+from .errors import ClientUnavailable, ForeignLoopError
 
 T = TypeVar("T")
 
-log = logging.getLogger("loopgate.registry")
-
-_cv_registry: contextvars.ContextVar[Registry] = contextvars.ContextVar("loopgate.registry")
-
-_NO_REGISTRY = (
-    "Working outside of a loopgate context: no client registry is bound. Clients are reached "
-    "from request, websocket and background-task handlers of an app made by create_app(), or "
-    "inside 'async with registry.bind():' for code that runs its own event loop."
-)
+log = logging.getLogger("loopclients")
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,12 +30,12 @@ class ClientSpec(Generic[T]):
     """Declares a client.
 
     Args:
-        name: unique name, used in metrics, ``/readyz`` and errors.
+        name: unique name, used in logs, errors and readiness reports.
         create: async factory, called with no arguments inside the registry's context, so it may
-            use :func:`current_settings` and other clients' accessors.
+            reach other clients through their specs and read :attr:`Registry.config`.
         close: async close for an instance; ``None`` when there is nothing to close.
-        check: async readiness probe for ``/readyz``; raises when the backend does not answer.
-        eager: create at startup (when ``LOOPGATE_EAGER`` is on) and report it in ``/readyz``.
+        check: async readiness probe; raises when the backend does not answer.
+        eager: created when the app starts serving (if the extension is eager).
     """
 
     name: str
@@ -71,9 +50,17 @@ class ClientSpec(Generic[T]):
         Raises:
             ClientUnavailable: creation failed; retry after ``retry_after`` seconds.
             ForeignLoopError: the bound registry belongs to another event loop.
-            RuntimeError: called outside a loopgate context.
+            RuntimeError: called outside a registry's context.
         """
         return await current_registry().get(self)
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Callbacks for metrics: each gets the client's name (and the error, for a failure)."""
+
+    created: Callable[[str], object] | None = None
+    failed: Callable[[str, BaseException], object] | None = None
 
 
 @dataclass
@@ -91,10 +78,36 @@ class _Slot:
 
 
 class Registry:
-    """The clients of one event loop."""
+    """The clients of one event loop.
 
-    def __init__(self, specs: Iterable[ClientSpec[Any]], settings: Settings) -> None:
-        self.settings = settings
+    Args:
+        specs: the declared clients, in startup order.
+        config: anything the factories need (the app's settings, say); the registry never reads
+            it. Factories reach it as ``current_registry().config``.
+        create_timeout: seconds a factory (and a readiness check) may take.
+        close_timeout: seconds each close may take.
+        backoff_initial, backoff_max: the first wait after a failed creation, doubled on every
+            further failure up to ``backoff_max``.
+        hooks: callbacks for metrics.
+    """
+
+    def __init__(
+        self,
+        specs: Iterable[ClientSpec[Any]],
+        *,
+        config: Any = None,
+        create_timeout: float = 10.0,
+        close_timeout: float = 10.0,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        hooks: Hooks | None = None,
+    ) -> None:
+        self.config = config
+        self.create_timeout = create_timeout
+        self.close_timeout = close_timeout
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.hooks = hooks or Hooks()
         self.loop = asyncio.get_running_loop()
         self._specs: dict[str, ClientSpec[Any]] = {}
         for spec in specs:
@@ -109,6 +122,7 @@ class Registry:
     # -- reaching clients -------------------------------------------------------------------
 
     def spec(self, name: str) -> ClientSpec[Any]:
+        """The spec declared under ``name``; :class:`LookupError` if there is none."""
         try:
             return self._specs[name]
         except KeyError:
@@ -116,6 +130,7 @@ class Registry:
 
     @property
     def specs(self) -> list[ClientSpec[Any]]:
+        """The declared clients, in startup order."""
         return list(self._specs.values())
 
     def created(self) -> list[str]:
@@ -165,7 +180,7 @@ class Registry:
                 context.run(_cv_registry.set, self)
                 slot.creating = self.loop.create_task(
                     self._run_factory(spec, slot),
-                    name=f"loopgate-create-{spec.name}",
+                    name=f"loopclients-create-{spec.name}",
                     context=context,
                 )
             # Shielded: a caller that gives up (a client disconnect) does not abort the creation
@@ -174,7 +189,7 @@ class Registry:
 
     def _raise_if_unavailable(self, name: str, slot: _Slot) -> None:
         if self._closed:
-            raise ClientUnavailable(name, "the service is shutting down", retry_after=1)
+            raise ClientUnavailable(name, "the registry is closing", retry_after=1)
         failure = slot.failure
         if failure is not None:
             wait = failure.retry_at - time.monotonic()
@@ -183,17 +198,16 @@ class Registry:
 
     async def _run_factory(self, spec: ClientSpec[Any], slot: _Slot) -> Any:
         try:
-            async with asyncio.timeout(self.settings.client_create_timeout):
+            async with asyncio.timeout(self.create_timeout):
                 instance = await spec.create()
         except BaseException as exc:
             slot.creating = None
             attempts = slot.failure.attempts + 1 if slot.failure else 1
-            delay = min(
-                self.settings.backoff_max, self.settings.backoff_initial * 2 ** (attempts - 1)
-            )
-            reason = _describe(exc)
+            delay = min(self.backoff_max, self.backoff_initial * 2 ** (attempts - 1))
+            reason = describe(exc)
             slot.failure = _Failure(attempts, time.monotonic() + delay, reason)
-            metrics.CLIENT_CREATION_FAILURES.labels(client=spec.name).inc()
+            if self.hooks.failed is not None:
+                self.hooks.failed(spec.name, exc)
             log.warning(
                 "creating client %r failed (attempt %d, next try in %.1fs): %s",
                 spec.name,
@@ -207,19 +221,20 @@ class Registry:
         slot.creating = None
         if self._closed:
             await self._close_one(spec, instance)
-            raise ClientUnavailable(spec.name, "the service is shutting down")
+            raise ClientUnavailable(spec.name, "the registry is closing")
         slot.failure = None
         self._instances[spec.name] = instance
         self._order.append(spec.name)
-        metrics.CLIENT_CREATIONS.labels(client=spec.name).inc()
+        if self.hooks.created is not None:
+            self.hooks.created(spec.name)
         log.info("created client %r", spec.name)
         return instance
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def bind(self) -> _Binding:
+    def bind(self) -> Binding:
         """Bind this registry to the current context: ``with registry.bind(): ...``."""
-        return _Binding(self)
+        return Binding(self)
 
     async def start(self) -> dict[str, str]:
         """Create every eager client, concurrently. Failures do not raise: they are returned
@@ -239,15 +254,19 @@ class Registry:
         return failed
 
     async def check(self, name: str) -> None:
-        """Readiness of one client: create it if needed (respecting backoff), then probe it."""
+        """Readiness of one client: create it if needed (respecting backoff), then probe it.
+
+        Raises:
+            ClientUnavailable: it cannot be created, or its check failed or timed out.
+        """
         spec = self.spec(name)
         instance = await self.get(spec)
         if spec.check is not None:
             try:
-                async with asyncio.timeout(self.settings.client_create_timeout):
+                async with asyncio.timeout(self.create_timeout):
                     await spec.check(instance)
             except Exception as exc:
-                raise ClientUnavailable(name, _describe(exc)) from exc
+                raise ClientUnavailable(name, describe(exc)) from exc
 
     async def aclose(self) -> None:
         """Close every client in reverse creation order, each within the close timeout.
@@ -265,7 +284,7 @@ class Registry:
             try:
                 await self._close_one(self._specs[name], instance)
             except Exception as exc:
-                log.error("closing client %r failed: %s", name, _describe(exc))
+                log.error("closing client %r failed: %s", name, describe(exc))
                 exc.add_note(f"while closing client {name!r}")
                 errors.append(exc)
         self._order.clear()
@@ -276,17 +295,20 @@ class Registry:
         if spec.close is None:
             return
         try:
-            async with asyncio.timeout(self.settings.client_close_timeout):
+            async with asyncio.timeout(self.close_timeout):
                 await spec.close(instance)
         except TimeoutError:
             raise TimeoutError(
-                f"closing client {spec.name!r} took longer than "
-                f"{self.settings.client_close_timeout}s"
+                f"closing client {spec.name!r} took longer than {self.close_timeout}s"
             ) from None
         log.info("closed client %r", spec.name)
 
 
-class _Binding:
+class Binding:
+    """``with registry.bind():``: the registry is current inside, and reset afterwards."""
+
+    __slots__ = ("_registry", "_token")
+
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
         self._token: contextvars.Token[Registry] | None = None
@@ -298,84 +320,14 @@ class _Binding:
     def __exit__(self, *exc: object) -> None:
         assert self._token is not None
         _cv_registry.reset(self._token)
+        self._token = None
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
+    """One line saying what went wrong, for logs and error messages."""
     if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, asyncio.CancelledError):
         return "creation was cancelled"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-# -- accessors --------------------------------------------------------------------------------
-
-
-def bind_registry(registry: Registry) -> None:
-    """Bind ``registry`` to the current context (used by the app's request hooks)."""
-    _cv_registry.set(registry)
-
-
-def has_registry() -> bool:
-    """Whether a registry is bound in the current context."""
-    return _cv_registry.get(None) is not None
-
-
-def current_registry() -> Registry:
-    """The registry bound to the current context.
-
-    Raises:
-        RuntimeError: no registry is bound (called outside the app).
-    """
-    registry = _cv_registry.get(None)
-    if registry is None:
-        registry = _registry_from_app()
-    if registry is None:
-        raise RuntimeError(_NO_REGISTRY)
-    return registry
-
-
-def current_settings() -> Settings:
-    """The settings of the current registry."""
-    return current_registry().settings
-
-
-def _registry_from_app() -> Registry | None:
-    # Background tasks and code that runs inside an app context without our request hooks
-    # (Quart's startup task, for one) find the registry of their loop through the app.
-    from quart import current_app
-    from quart.globals import _cv_app
-
-    if _cv_app.get(None) is None:
-        return None
-    loops = current_app.extensions.get("loopgate")
-    if loops is None:
-        return None
-    registry: Registry = loops.registry_for_running_loop()
-    _cv_registry.set(registry)
-    return registry
-
-
-class LoopRegistries:
-    """The registries of one app, one per event loop that serves it."""
-
-    def __init__(self, specs: Iterable[ClientSpec[Any]], settings: Settings) -> None:
-        self.specs = list(specs)
-        self.settings = settings
-        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Registry] = (
-            weakref.WeakKeyDictionary()
-        )
-
-    def registry_for_running_loop(self) -> Registry:
-        """The running loop's registry, made on first use."""
-        loop = asyncio.get_running_loop()
-        registry = self._by_loop.get(loop)
-        if registry is None:
-            registry = self._by_loop.setdefault(loop, Registry(self.specs, self.settings))
-        return registry
-
-    def forget(self, registry: Registry) -> None:
-        """Drop a closed registry, so that a later serve on the same loop starts afresh."""
-        if self._by_loop.get(registry.loop) is registry:
-            del self._by_loop[registry.loop]

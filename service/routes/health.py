@@ -8,8 +8,8 @@ from quart import Blueprint, Response
 from quart_schema import hide
 
 from .. import metrics
-from ..errors import ClientUnavailable, error_body
-from ..loopclients.registry import current_registry
+from ..errors import Unavailable, error_body
+from ..loopclients import ClientUnavailable, current_registry
 
 blueprint = Blueprint("health", __name__)
 
@@ -46,7 +46,7 @@ async def readyz() -> tuple[dict[str, object], int, dict[str, str]]:
     message = "; ".join(error.message for error in down)
     retry_after = min(error.retry_after or 1 for error in down)
     body = error_body(503, message) | {"clients": clients}
-    return body, 503, ClientUnavailable(down[0].client, "", retry_after=retry_after).headers()
+    return body, 503, Unavailable(message, retry_after=retry_after).headers()
 
 
 @blueprint.get("/metrics")

@@ -26,6 +26,7 @@ from ..auth.access import requires
 from ..auth.limits import publish_limited
 from ..clients import get_publisher
 from ..clients.pubsub.publisher import OutgoingMessage
+from ..config import current_settings
 from ..errors import (
     ErrorResponse,
     InvalidArgument,
@@ -34,7 +35,6 @@ from ..errors import (
     TopicNotFound,
     describe_validation_error,
 )
-from ..loopclients.registry import current_settings
 
 blueprint = Blueprint("publish", __name__)
 

@@ -28,6 +28,7 @@ from ..auth.access import requires
 from ..clients import get_storage
 from ..clients.storage.client import object_metadata
 from ..clients.storage.names import MAX_PAGE_SIZE, check_bucket, check_name, decode_token, page
+from ..config import current_settings
 from ..errors import (
     ErrorResponse,
     InvalidArgument,
@@ -36,7 +37,6 @@ from ..errors import (
     RangeNotSatisfiable,
     error_body,
 )
-from ..loopclients.registry import current_settings
 from ..server import request_body
 from .storage_download import (
     COUNT_BYTES,

@@ -19,8 +19,8 @@ from werkzeug.http import quote_etag
 from .. import metrics
 from ..clients.storage.client import StorageClient
 from ..clients.storage.media import media_info
+from ..config import current_settings
 from ..errors import Unavailable
-from ..loopclients.registry import current_settings
 
 log = logging.getLogger("loopgate.storage")
 

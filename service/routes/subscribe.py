@@ -49,8 +49,8 @@ from ..auth.access import current_identity, requires
 from ..auth.limits import connection_slot, current_limiter
 from ..clients.pubsub.specs import SUBSCRIBER
 from ..clients.pubsub.streaming_pull import STREAMING
+from ..config import current_settings
 from ..errors import BackendError, ErrorResponse, InvalidArgument, NotFound
-from ..loopclients.registry import current_settings
 from ..streams.gate import GATE
 from ..streams.hub import FANOUT
 from ..streams.queue_mode import QueueConsumer

@@ -28,8 +28,9 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 from quart.asgi import ASGIHTTPConnection
 from quart.utils import cancel_tasks, raise_task_exceptions
 
+from ..config import current_settings
 from ..errors import Unavailable
-from ..loopclients.registry import ClientSpec, current_settings
+from ..loopclients import ClientSpec
 
 log = logging.getLogger("loopgate.shutdown")
 

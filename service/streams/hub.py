@@ -50,9 +50,9 @@ from google.pubsub_v1.types import ExpirationPolicy, Subscription
 from .. import metrics
 from ..clients.pubsub.specs import SUBSCRIBER
 from ..clients.pubsub.streaming_pull import STREAMING, StreamingPull
-from ..config import Settings
+from ..config import Settings, current_settings
 from ..errors import BackendError, TopicNotFound, Unavailable
-from ..loopclients.registry import ClientSpec, current_settings
+from ..loopclients import ClientSpec
 from .gate import GATE, ConnectionGate
 from .subscriber_queue import (
     CLOSE_GOING_AWAY,

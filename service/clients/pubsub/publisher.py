@@ -35,13 +35,8 @@ from google.pubsub_v1 import PublisherAsyncClient
 from google.pubsub_v1.types import PublishRequest, PublishResponse, PubsubMessage
 
 from ... import metrics
-from ...errors import (
-    BackendError,
-    ClientUnavailable,
-    ForeignLoopError,
-    PublisherOverloaded,
-    TopicNotFound,
-)
+from ...errors import BackendError, PublisherOverloaded, TopicNotFound, Unavailable
+from ...loopclients import ForeignLoopError
 
 log = logging.getLogger("loopgate.publisher")
 
@@ -178,12 +173,12 @@ class Publisher:
             PublisherOverloaded: the pending bounds are reached; nothing was accepted.
             TopicNotFound: the topic does not exist.
             BackendError: Pub/Sub failed after retries (some messages may have been published).
-            ClientUnavailable: the publisher is closing.
+            Unavailable: the publisher is closing.
         """
         if asyncio.get_running_loop() is not self._loop:
             raise ForeignLoopError("publisher")
         if self._closed:
-            raise ClientUnavailable("publisher", "the service is shutting down")
+            raise Unavailable("the publisher is shutting down", retry_after=1)
         sizes = [wire_size(message) for message in messages]
         total = sum(sizes)
         settings = self._settings
@@ -357,7 +352,7 @@ class Publisher:
                 owner.fail(exc)
             return False
         except BaseException:
-            error = ClientUnavailable("publisher", "publishing was cancelled by shutdown")
+            error = Unavailable("publishing was cancelled by shutdown", retry_after=1)
             for owner, _, _ in batch.owners:
                 owner.fail(error)
             raise

@@ -18,7 +18,8 @@ from google.pubsub_v1.services.subscriber.transports.grpc_asyncio import (
     SubscriberGrpcAsyncIOTransport,
 )
 
-from ...loopclients.registry import ClientSpec, current_settings
+from ...config import current_settings
+from ...loopclients import ClientSpec
 from ..credentials import RefreshingCredentials
 from .publisher import BatchSettings, Publisher
 

@@ -47,7 +47,7 @@ from google.cloud.pubsub_v1.subscriber.futures import StreamingPullFuture
 from google.cloud.pubsub_v1.subscriber.message import Message
 from google.cloud.pubsub_v1.subscriber.scheduler import Scheduler, ThreadScheduler
 
-from ...loopclients.registry import ClientSpec
+from ...loopclients import ClientSpec
 from .specs import CREDENTIALS, emulator_host
 
 log = logging.getLogger("loopgate.streaming")

@@ -36,9 +36,9 @@ import aiohttp
 from gcloud.aio.auth import Token
 from gcloud.aio.storage import Storage
 
-from ...config import Settings
+from ...config import Settings, current_settings
 from ...errors import NotFound
-from ...loopclients.registry import ClientSpec, current_settings
+from ...loopclients import ClientSpec
 from ..http import HTTP
 from .errors import BodyError, raise_for_status, translate
 

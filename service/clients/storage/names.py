@@ -9,8 +9,8 @@ import re
 import unicodedata
 from typing import Any
 
+from ...config import current_settings
 from ...errors import InvalidArgument, NotFound
-from ...loopclients.registry import current_settings
 
 MAX_NAME_BYTES = 1024
 MAX_PAGE_SIZE = 1000

@@ -1,4 +1,7 @@
-"""The per-event-loop registry: exactly-once creation, backoff, loops, close order."""
+"""The per-event-loop registry: exactly-once creation, backoff, loops, close order.
+
+These tests use :mod:`service.loopclients` alone, as an app without the rest of loopgate would.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,20 @@ import asyncio
 from typing import Any
 
 import pytest
-from conftest import make_settings, run_in_thread
+from conftest import run_in_thread
+from quart import Quart
 
-from service import ClientSpec, Registry, create_app, current_registry, has_registry
-from service.errors import ClientUnavailable, ForeignLoopError
+from service.loopclients import (
+    ClientSpec,
+    ClientUnavailable,
+    ForeignLoopError,
+    LoopClients,
+    Registry,
+    current_registry,
+    has_registry,
+)
 
-FAST = make_settings(backoff_initial=0.2, backoff_max=0.4, client_create_timeout=2)
+FAST: dict[str, Any] = {"backoff_initial": 0.2, "backoff_max": 0.4, "create_timeout": 2}
 
 
 class Thing:
@@ -38,7 +49,7 @@ def counting_spec(name: str = "thing", *, delay: float = 0.0, close_log: list[st
 
 async def test_racing_callers_create_once() -> None:
     spec, calls = counting_spec(delay=0.05)
-    registry = Registry([spec], FAST)
+    registry = Registry([spec], **FAST)
     with registry.bind():
         results = await asyncio.wait_for(
             asyncio.gather(*(spec.get() for _ in range(2000))), timeout=30
@@ -59,7 +70,7 @@ async def test_failed_creation_is_not_cached_and_backs_off() -> None:
         return Thing("flaky")
 
     spec = ClientSpec("flaky", create=create)
-    registry = Registry([spec], FAST)
+    registry = Registry([spec], **FAST)
     with registry.bind():
         with pytest.raises(ClientUnavailable) as first:
             await spec.get()
@@ -69,7 +80,7 @@ async def test_failed_creation_is_not_cached_and_backs_off() -> None:
         with pytest.raises(ClientUnavailable) as fast:
             await spec.get()
         assert len(attempts) == 1
-        assert fast.value.headers()["Retry-After"] == "1"
+        assert 0 < fast.value.retry_after <= first.value.retry_after
         healthy.set()
         # The first call after the window succeeds.
         thing = await wait_for_client(spec, timeout=10)
@@ -93,8 +104,7 @@ async def test_backoff_grows_and_is_bounded() -> None:
         raise ConnectionError("down")
 
     spec = ClientSpec("down", create=create)
-    settings = make_settings(backoff_initial=0.01, backoff_max=0.04)
-    registry = Registry([spec], settings)
+    registry = Registry([spec], backoff_initial=0.01, backoff_max=0.04)
     delays = []
     with registry.bind():
         for _ in range(5):
@@ -125,14 +135,14 @@ async def test_creation_timeout_is_a_failure() -> None:
         raise AssertionError("unreachable")
 
     spec = ClientSpec("hang", create=create)
-    registry = Registry([spec], make_settings(client_create_timeout=0.05))
+    registry = Registry([spec], create_timeout=0.05)
     with registry.bind(), pytest.raises(ClientUnavailable, match="timed out"):
         await asyncio.wait_for(spec.get(), timeout=10)
 
 
 async def test_cancelled_caller_does_not_abort_creation() -> None:
     spec, calls = counting_spec(delay=0.1)
-    registry = Registry([spec], FAST)
+    registry = Registry([spec], **FAST)
     with registry.bind():
         first = asyncio.create_task(spec.get())
         second = asyncio.create_task(spec.get())
@@ -146,8 +156,8 @@ async def test_cancelled_caller_does_not_abort_creation() -> None:
 
 async def test_each_loop_gets_its_own_instance() -> None:
     spec, calls = counting_spec()
-    app = create_app(FAST, clients=[spec])
-    loops = app.extensions["loopgate"]
+    app = Quart(__name__)
+    loops = LoopClients([spec], app, **FAST)
     mine = loops.registry_for_running_loop()
 
     async def other_loop() -> tuple[Registry, Thing]:
@@ -168,7 +178,7 @@ async def test_each_loop_gets_its_own_instance() -> None:
 
 async def test_foreign_loop_use_is_an_error_naming_the_client() -> None:
     spec, _ = counting_spec("cache")
-    registry = Registry([spec], FAST)
+    registry = Registry([spec], **FAST)
     with registry.bind():
         await spec.get()
 
@@ -194,7 +204,7 @@ async def test_close_in_reverse_order_and_one_failure_skips_nothing() -> None:
         raise RuntimeError("close failed")
 
     second = ClientSpec("second", create=create_broken, close=close_broken)
-    registry = Registry([first, second, third], FAST)
+    registry = Registry([first, second, third], **FAST)
     with registry.bind():
         for spec in (first, second, third):
             await spec.get()
@@ -203,7 +213,7 @@ async def test_close_in_reverse_order_and_one_failure_skips_nothing() -> None:
     assert closed == ["third", "second", "first"]
     assert [str(error) for error in group.value.exceptions] == ["close failed"]
     assert registry.created() == []
-    with registry.bind(), pytest.raises(ClientUnavailable, match="shutting down"):
+    with registry.bind(), pytest.raises(ClientUnavailable, match="closing"):
         await first.get()
 
 
@@ -218,7 +228,7 @@ async def test_close_timeout_does_not_block_the_rest() -> None:
         await asyncio.Event().wait()
 
     stuck = ClientSpec("stuck", create=create_stuck, close=close_stuck)
-    registry = Registry([quick, stuck], make_settings(client_close_timeout=0.05))
+    registry = Registry([quick, stuck], close_timeout=0.05)
     with registry.bind():
         await quick.get()
         await stuck.get()
@@ -237,7 +247,7 @@ async def test_start_reports_failures_without_raising() -> None:
     bad = ClientSpec("bad", create=create_bad)
     lazy, lazy_calls = counting_spec("lazy")
     lazy = ClientSpec("lazy", create=lazy.create, eager=False)
-    registry = Registry([good, bad, lazy], FAST)
+    registry = Registry([good, bad, lazy], **FAST)
     failed = await registry.start()
     assert list(failed) == ["bad"]
     assert "refused" in failed["bad"]
@@ -246,20 +256,18 @@ async def test_start_reports_failures_without_raising() -> None:
     await registry.aclose()
 
 
-async def test_factory_can_use_other_clients_and_settings() -> None:
+async def test_factory_can_use_other_clients_and_the_config() -> None:
     base, _ = counting_spec("base")
 
     async def create_derived() -> tuple[Thing, str]:
-        from service import current_settings
-
-        return await base.get(), current_settings().project
+        return await base.get(), current_registry().config["project"]
 
     derived = ClientSpec("derived", create=create_derived)
-    registry = Registry([base, derived], FAST)
+    registry = Registry([base, derived], config={"project": "p1"}, **FAST)
     with registry.bind():
         thing, project = await derived.get()
     assert thing.name == "base"
-    assert project == FAST.project
+    assert project == "p1"
     assert registry.created() == ["base", "derived"]
     await registry.aclose()
 
@@ -267,9 +275,9 @@ async def test_factory_can_use_other_clients_and_settings() -> None:
 def test_accessor_outside_the_app_fails_clearly() -> None:
     spec, _ = counting_spec()
     assert not has_registry()
-    with pytest.raises(RuntimeError, match="outside of a loopgate context"):
+    with pytest.raises(RuntimeError, match="outside of a loopclients context"):
         current_registry()
-    with pytest.raises(RuntimeError, match="outside of a loopgate context"):
+    with pytest.raises(RuntimeError, match="outside of a loopclients context"):
         asyncio.run(spec.get())
 
 
@@ -277,7 +285,7 @@ def test_duplicate_names_are_refused() -> None:
     spec, _ = counting_spec()
 
     async def build() -> None:
-        Registry([spec, spec], FAST)
+        Registry([spec, spec], **FAST)
 
     with pytest.raises(ValueError, match="two clients"):
         asyncio.run(build())
