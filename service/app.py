@@ -10,7 +10,7 @@ from quart import Quart, Response, jsonify
 from quart_schema import Info, QuartSchema, RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
-from . import gctune, metrics
+from . import gctune, metrics, server
 from .auth import limits
 from .auth.access import SECURITY_SCHEMES, init_auth
 from .clients import builtin_clients
@@ -21,8 +21,7 @@ from .logs import configure_logging, init_request_ids
 from .loopclients import ClientSpec, ClientUnavailable, ForeignLoopError, LoopClients
 from .openapi import LoopgateOpenAPIProvider
 from .routes import health, publish, storage, subscribe
-from .server import deflate, hypercorn_close
-from .streams.gate import GATE, HTTPConnection
+from .streams.gate import GATE
 from .streams.hub import FANOUT
 
 log = logging.getLogger("loopgate")
@@ -44,7 +43,6 @@ def create_app(
     settings = settings if settings is not None else load_settings()
     configure_logging(settings.log_format, settings.log_level)
     app = Quart("loopgate")
-    app.asgi_http_class = HTTPConnection  # request tasks end with their connection
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["QUART_SCHEMA_CONVERT_CASING"] = False
     QuartSchema(
@@ -71,10 +69,8 @@ def create_app(
     app.register_blueprint(health.blueprint)
     app.register_blueprint(publish.blueprint)
     app.register_blueprint(subscribe.blueprint)
-    subscribe.install(app)
-    deflate.set_compression(settings.stream_compression)
-    hypercorn_close.bound_close()
     app.register_blueprint(storage.blueprint)
+    server.install(app, settings)
     _register_error_handlers(app)
 
     if settings.gc_tuning:

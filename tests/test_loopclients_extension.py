@@ -11,7 +11,13 @@ import pytest
 from quart import Quart, websocket
 
 import service.loopclients
-from service.loopclients import ClientSpec, ClientUnavailable, LoopClients, current_registry
+from service.loopclients import (
+    ClientSpec,
+    ClientUnavailable,
+    LoopClients,
+    Registry,
+    current_registry,
+)
 from service.loopclients.context import _cv_registry
 
 
@@ -121,21 +127,31 @@ async def test_a_failing_client_starts_the_app_degraded_and_recovers() -> None:
                 await asyncio.sleep(0.05)
 
 
-async def test_each_call_binds_the_registry_and_resets_it() -> None:
+async def test_handlers_find_their_loops_registry_without_binding_it() -> None:
     spec, _ = thing_spec()
     app = Quart(__name__)
-    clients = LoopClients([spec], eager=False)
+    clients = LoopClients([spec], app, eager=False)
     seen: list[Any] = []
 
-    async def inner(scope: Any, receive: Any, send: Any) -> None:
-        seen.append(current_registry())
+    @app.get("/")
+    async def index() -> str:
+        seen.append((current_registry(), _cv_registry.get(None)))
+        return "ok"
 
-    app.asgi_app = inner  # type: ignore[method-assign,assignment]  # a stand-in for Quart's own
-    clients.init_app(app)
+    async with app.test_app():
+        assert (await app.test_client().get("/")).status_code == 200
+        assert seen == [(clients.registry_for_running_loop(), None)]
+
+
+async def test_bind_sets_the_registry_and_resets_it() -> None:
+    spec, _ = thing_spec()
+    registry = Registry([spec])
     assert _cv_registry.get(None) is None
-    await app.asgi_app({"type": "http"}, None, None)  # type: ignore[arg-type]
-    assert seen == [clients.registry_for_running_loop()]
+    with registry.bind():
+        assert current_registry() is registry
+        await spec.get()
     assert _cv_registry.get(None) is None
+    await registry.aclose()
 
 
 def test_binding_twice_is_refused() -> None:

@@ -9,7 +9,7 @@ from conftest import WAIT, http_scope, make_settings
 from quart import Quart
 
 from service import create_app
-from service.streams.gate import HTTPConnection
+from service.server.quart_connections import HTTPConnection
 
 
 def test_the_app_uses_it() -> None:

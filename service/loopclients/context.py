@@ -1,8 +1,11 @@
-"""The registry of the running code, in a context variable, as Quart keeps its app context.
+"""Which registry the running code uses.
 
-The extension binds the registry of the serving event loop once per ASGI call (request,
-websocket or lifespan) and resets it when the call ends; tasks started inside the call inherit it.
-Code that runs its own event loop binds one with ``with registry.bind():``.
+Inside an app (a request, a websocket, the lifespan, a background task: anything that runs in
+Quart's app context) the registry is the one of the running event loop, found through the app's
+extension: nothing is written per request. A context variable holds a registry bound explicitly,
+as Quart's ``globals.py`` holds its contexts: ``with registry.bind():`` sets it and resets it on
+exit, for code that runs its own event loop (a script, a test) and for the factories, which run in
+a task of their own with their registry bound.
 """
 
 from __future__ import annotations
@@ -31,9 +34,8 @@ def has_registry() -> bool:
 def current_registry() -> Registry:
     """The registry bound to the current context.
 
-    Outside any bound context, inside an app context of an app with the extension (a task that
-    was started outside a request, for one), the registry of the running loop is found through
-    the app, without binding it.
+    A registry bound with :meth:`Registry.bind` comes first; otherwise, inside the app context of
+    an app with the extension, the running loop's registry of that app.
 
     Raises:
         RuntimeError: no registry is bound and no app context has one.

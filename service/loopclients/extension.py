@@ -5,14 +5,13 @@
     clients = LoopClients([PUBLISHER, DB])
     clients.init_app(app)
 
-``init_app`` does three things:
+``init_app`` does two things:
 
-* wraps the app's ASGI callable so that every request, websocket and lifespan call runs with the
-  registry of its event loop bound (set on entry, reset on exit, as Quart pushes its contexts);
+* keeps the extension in ``app.extensions["loopclients"]``, where every handler's ``SPEC.get()``
+  finds the registry of its event loop (through Quart's app context; nothing is bound per request);
 * registers a ``while_serving`` lifespan that creates the eager clients when the app starts
   serving (a client that fails is logged and left to later calls: the app starts degraded) and
-  closes every client, in reverse creation order, when it stops;
-* keeps itself in ``app.extensions["loopclients"]``.
+  closes every client, in reverse creation order, when it stops.
 
 Each worker process, or each thread running its own loop, gets registries of its own: a client is
 never shared between event loops.
@@ -23,19 +22,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from typing import Any
 
 from quart import Quart
 
-from .context import _cv_registry
 from .registry import ClientSpec, Hooks, Registry
 
 log = logging.getLogger("loopclients")
 
 EXTENSION_KEY = "loopclients"
-
-_ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 
 class LoopClients:
@@ -93,7 +89,6 @@ class LoopClients:
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError("LoopClients is already bound to this app")
         app.extensions[EXTENSION_KEY] = self
-        app.asgi_app = _BindRegistry(self, app.asgi_app)  # type: ignore[method-assign]  # ASGI middleware, as Quart documents
         app.while_serving(self._serve)
 
     def registry_for_running_loop(self) -> Registry:
@@ -123,20 +118,3 @@ class LoopClients:
                 # A later serve on the same loop (a test client run twice) starts afresh.
                 if self._by_loop.get(registry.loop) is registry:
                     del self._by_loop[registry.loop]
-
-
-class _BindRegistry:
-    """ASGI middleware: each call runs with its loop's registry bound, reset when it ends."""
-
-    __slots__ = ("asgi_app", "clients")
-
-    def __init__(self, clients: LoopClients, asgi_app: _ASGIApp) -> None:
-        self.clients = clients
-        self.asgi_app = asgi_app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        token = _cv_registry.set(self.clients.registry_for_running_loop())
-        try:
-            await self.asgi_app(scope, receive, send)
-        finally:
-            _cv_registry.reset(token)

@@ -176,12 +176,8 @@ class Registry:
             # by every waiter in turn.
             self._raise_if_unavailable(spec.name, slot)
             if slot.creating is None:
-                context = contextvars.copy_context()
-                context.run(_cv_registry.set, self)
                 slot.creating = self.loop.create_task(
-                    self._run_factory(spec, slot),
-                    name=f"loopclients-create-{spec.name}",
-                    context=context,
+                    self._run_factory(spec, slot), name=f"loopclients-create-{spec.name}"
                 )
             # Shielded: a caller that gives up (a client disconnect) does not abort the creation
             # that other callers are waiting for.
@@ -198,8 +194,10 @@ class Registry:
 
     async def _run_factory(self, spec: ClientSpec[Any], slot: _Slot) -> Any:
         try:
-            async with asyncio.timeout(self.create_timeout):
-                instance = await spec.create()
+            # The factory's task has a context of its own: what it binds ends with it.
+            with self.bind():
+                async with asyncio.timeout(self.create_timeout):
+                    instance = await spec.create()
         except BaseException as exc:
             slot.creating = None
             attempts = slot.failure.attempts + 1 if slot.failure else 1

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import Any
 
-from quart import Blueprint, Quart, Response, jsonify, request
+from quart import Blueprint, Response, jsonify, request
 from quart.blueprints import BlueprintSetupState
 from quart_schema import document_response
 from werkzeug.http import quote_etag
@@ -63,7 +63,6 @@ class ObjectNameConverter(PathConverter):
 @blueprint.record_once
 def _setup(state: BlueprintSetupState) -> None:
     state.app.url_map.converters["object"] = ObjectNameConverter
-    request_body.install(cast(Quart, state.app))
 
 
 # -- upload -------------------------------------------------------------------------------------

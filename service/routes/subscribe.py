@@ -36,12 +36,11 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from typing import Any
 
 from google.api_core import exceptions as gexc
-from quart import Blueprint, Quart, Response, websocket
-from quart.asgi import ASGIWebsocketConnection
+from quart import Blueprint, Response, websocket
 from quart_schema import document_response
 
 from .. import metrics
@@ -51,6 +50,7 @@ from ..clients.pubsub.specs import SUBSCRIBER
 from ..clients.pubsub.streaming_pull import STREAMING
 from ..config import current_settings
 from ..errors import BackendError, ErrorResponse, InvalidArgument, NotFound
+from ..server.quart_connections import WEBSOCKET_SEND_KEY
 from ..streams.gate import GATE
 from ..streams.hub import FANOUT
 from ..streams.queue_mode import QueueConsumer
@@ -81,80 +81,6 @@ def _record(batch: Batch, listener: Listener) -> None:
             metrics.STREAM_LATENCY.observe(max(0.0, now - frames[0].published))
 
 
-class ExposeWebsocketSend:
-    """ASGI middleware putting each websocket's ASGI ``send`` in its scope (``SEND_KEY``).
-
-    The stream routes write their frames with it: Quart's ``websocket.send`` yields to the loop,
-    re-checks the handshake and emits a signal on every frame, which costs as much as the rest of
-    the write.
-    """
-
-    def __init__(self, asgi_app: Callable[..., Any]) -> None:
-        self.asgi_app = asgi_app
-
-    def __call__(self, scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]:
-        # Not a coroutine of its own and no copy of the scope: either would hold about 1 KiB per
-        # connection for its whole life.
-        if scope["type"] == "websocket":
-            scope[SEND_KEY] = send
-        result: Coroutine[Any, Any, None] = self.asgi_app(scope, receive, send)
-        return result
-
-
-SEND_KEY = "loopgate.websocket_send"
-
-
-class _Inbox:
-    """The frames a websocket client sent, for ``websocket.receive()``: what Quart uses of an
-    ``asyncio.Queue``, in a list and at most one future. An ``asyncio.Queue`` holds three deques,
-    2.2 KiB for every connection, most of which never receive anything."""
-
-    __slots__ = ("_items", "_waiter")
-
-    def __init__(self) -> None:
-        self._items: list[Any] = []
-        self._waiter: asyncio.Future[None] | None = None
-
-    def put_nowait(self, item: Any) -> None:
-        self._items.append(item)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def put(self, item: Any) -> None:
-        self.put_nowait(item)
-
-    async def get(self) -> Any:
-        while not self._items:
-            waiter = self._waiter
-            if waiter is None or waiter.done():
-                waiter = self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                # Receivers share the future: another one's cancellation cancels it too.
-                task = asyncio.current_task()
-                if task is None or task.cancelling():
-                    raise
-        return self._items.pop(0)
-
-
-class WebsocketConnection(ASGIWebsocketConnection):
-    """Quart's websocket connection with a lighter inbox (:class:`_Inbox`)."""
-
-    def __init__(self, app: Quart, scope: Any) -> None:
-        super().__init__(app, scope)
-        self.queue: Any = _Inbox()
-
-
-def install(app: Quart) -> None:
-    """Wrap ``app``'s ASGI callable once with :class:`ExposeWebsocketSend`, and use
-    :class:`WebsocketConnection` for its websockets."""
-    app.asgi_websocket_class = WebsocketConnection
-    if not isinstance(app.asgi_app, ExposeWebsocketSend):
-        app.asgi_app = ExposeWebsocketSend(app.asgi_app)  # type: ignore[method-assign]
-
-
 async def _read_and_ignore(listener: Listener) -> None:
     while True:
         await websocket.receive()
@@ -172,7 +98,9 @@ async def topic_stream(topic: str) -> None:
         async with connection_slot(), hub.subscribe(topic) as listener:
             await websocket.accept()
             await websocket.send(_subscribed(topic=topic))
-            send: Any = websocket.scope.get(SEND_KEY)  # None: not served through create_app()
+            send: Any = websocket.scope.get(
+                WEBSOCKET_SEND_KEY
+            )  # None: not served through create_app()
             reader = asyncio.ensure_future(_read_and_ignore(listener))
             try:
                 while True:

@@ -1,6 +1,6 @@
 """At shutdown, connections whose clients read nothing are reset, so that a worker always exits.
 
-Hypercorn (0.17, asyncio workers) cancels the connections still open at its graceful timeout and
+Hypercorn (asyncio workers) cancels the connections still open at its graceful timeout and
 waits for them to end. A connection ends by sending what it still has to send (a websocket's
 close frame, the rest of a response) and by flushing its transport, in ``finally`` blocks where
 the cancellation has already been spent. A client that reads nothing (a websocket or SSE

@@ -19,18 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import os
 from collections.abc import Callable
-from typing import Any
-
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
-from quart.asgi import ASGIHTTPConnection
-from quart.utils import cancel_tasks, raise_task_exceptions
 
 from ..config import current_settings
 from ..errors import Unavailable
 from ..loopclients import ClientSpec
+from ..server.hypercorn_shutdown import server_shutdown_event
 
 log = logging.getLogger("loopgate.shutdown")
 
@@ -47,7 +42,7 @@ class ConnectionGate:
         self._callbacks: dict[Callable[[], object], None] = {}
         self._task: asyncio.Task[None] | None = None
         self._parent = os.getppid()
-        self._hypercorn_event = _hypercorn_shutdown_event()
+        self._hypercorn_event = server_shutdown_event()
 
     @classmethod
     async def create(cls) -> ConnectionGate:
@@ -116,14 +111,6 @@ class ConnectionGate:
             await asyncio.gather(task, return_exceptions=True)
 
 
-def _hypercorn_shutdown_event() -> Any:
-    # Hypercorn starts each worker as a multiprocessing child whose target receives the master's
-    # shutdown event as the keyword argument ``shutdown_event``; the child keeps its Process object.
-    kwargs = getattr(multiprocessing.current_process(), "_kwargs", None) or {}
-    event = kwargs.get("shutdown_event")
-    return event if callable(getattr(event, "is_set", None)) else None
-
-
 async def _close_gate(gate: ConnectionGate) -> None:
     await gate.aclose()
 
@@ -131,33 +118,6 @@ async def _close_gate(gate: ConnectionGate) -> None:
 GATE: ClientSpec[ConnectionGate] = ClientSpec(
     "connection-gate", create=ConnectionGate.create, close=_close_gate
 )
-
-
-class HTTPConnection(ASGIHTTPConnection):
-    """Quart's HTTP connection, whose request tasks end when the server cancels it.
-
-    Quart runs a request's handler and its body receiver as tasks of their own and waits for the
-    first to finish. When the server cancels that wait (Hypercorn does at its graceful timeout,
-    e.g. for an upload whose client stalls), Quart leaves both tasks running: into the app's
-    shutdown, over clients already closed, answering on a stream already closed. Here they are
-    cancelled with the connection.
-    """
-
-    async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-        request = self._create_request_from_scope(send)
-        receiver = asyncio.ensure_future(self.handle_messages(request, receive))
-        handler = asyncio.ensure_future(self.handle_request(request, send))
-        try:
-            done, pending = await asyncio.wait(
-                [handler, receiver], return_when=asyncio.FIRST_COMPLETED
-            )
-        except asyncio.CancelledError:
-            handler.cancel()
-            receiver.cancel()
-            await asyncio.gather(handler, receiver, return_exceptions=True)
-            raise
-        await cancel_tasks(pending)
-        raise_task_exceptions(done)
 
 
 class _Held:

@@ -1,0 +1,111 @@
+"""Quart's ASGI connection classes, adapted: request tasks that end with their connection, a
+lighter websocket inbox, and each websocket's raw ASGI ``send`` for the stream routes.
+
+These subclass Quart's ``ASGIHTTPConnection`` and ``ASGIWebsocketConnection`` and replace
+internals of theirs (``__call__``, the ``queue`` attribute); :func:`check_quart` tells when an
+installed Quart no longer has them, and the test suite checks each against the installed Quart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
+from quart import Quart
+from quart.asgi import ASGIHTTPConnection, ASGIWebsocketConnection
+from quart.utils import cancel_tasks, raise_task_exceptions
+
+
+class HTTPConnection(ASGIHTTPConnection):
+    """Quart's HTTP connection, whose request tasks end when the server cancels it.
+
+    Quart runs a request's handler and its body receiver as tasks of their own and waits for the
+    first to finish. When the server cancels that wait (Hypercorn does at its graceful timeout,
+    e.g. for an upload whose client stalls), Quart leaves both tasks running: into the app's
+    shutdown, over clients already closed, answering on a stream already closed. Here they are
+    cancelled with the connection.
+    """
+
+    async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        request = self._create_request_from_scope(send)
+        receiver = asyncio.ensure_future(self.handle_messages(request, receive))
+        handler = asyncio.ensure_future(self.handle_request(request, send))
+        try:
+            done, pending = await asyncio.wait(
+                [handler, receiver], return_when=asyncio.FIRST_COMPLETED
+            )
+        except asyncio.CancelledError:
+            handler.cancel()
+            receiver.cancel()
+            await asyncio.gather(handler, receiver, return_exceptions=True)
+            raise
+        await cancel_tasks(pending)
+        raise_task_exceptions(done)
+
+
+class ExposeWebsocketSend:
+    """ASGI middleware putting each websocket's ASGI ``send`` in its scope (``WEBSOCKET_SEND_KEY``).
+
+    The stream routes write their frames with it: Quart's ``websocket.send`` yields to the loop,
+    re-checks the handshake and emits a signal on every frame, which costs as much as the rest of
+    the write.
+    """
+
+    def __init__(self, asgi_app: Callable[..., Any]) -> None:
+        self.asgi_app = asgi_app
+
+    def __call__(self, scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]:
+        # Not a coroutine of its own and no copy of the scope: either would hold about 1 KiB per
+        # connection for its whole life.
+        if scope["type"] == "websocket":
+            scope[WEBSOCKET_SEND_KEY] = send
+        result: Coroutine[Any, Any, None] = self.asgi_app(scope, receive, send)
+        return result
+
+
+WEBSOCKET_SEND_KEY = "loopgate.websocket_send"
+
+
+class _Inbox:
+    """The frames a websocket client sent, for ``websocket.receive()``: what Quart uses of an
+    ``asyncio.Queue``, in a list and at most one future. An ``asyncio.Queue`` holds three deques,
+    2.2 KiB for every connection, most of which never receive anything."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def put(self, item: Any) -> None:
+        self.put_nowait(item)
+
+    async def get(self) -> Any:
+        while not self._items:
+            waiter = self._waiter
+            if waiter is None or waiter.done():
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                # Receivers share the future: another one's cancellation cancels it too.
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise
+        return self._items.pop(0)
+
+
+class WebsocketConnection(ASGIWebsocketConnection):
+    """Quart's websocket connection with a lighter inbox (:class:`_Inbox`)."""
+
+    def __init__(self, app: Quart, scope: Any) -> None:
+        super().__init__(app, scope)
+        self.queue: Any = _Inbox()
