@@ -33,7 +33,6 @@ from ..errors import (
     InvalidArgument,
     PayloadTooLarge,
     PreconditionFailed,
-    RangeNotSatisfiable,
     error_body,
 )
 from ..loopclients.registry import current_settings
@@ -43,6 +42,7 @@ from .storage_download import (
     check_generation,
     metadata_headers,
     open_body,
+    requested_range,
     streamed,
     whole_object,
 )
@@ -173,14 +173,12 @@ async def get_object(bucket: str, name: str) -> Response:
     if request.if_none_match and request.if_none_match.contains_weak(etag):
         return Response(b"", 304, headers)
     status, byte_range = 200, None
-    wanted = request.range
-    # Several ranges or another unit: the Range header is ignored and the whole object sent.
-    if wanted is not None and wanted.units == "bytes" and len(wanted.ranges) == 1 and size:
-        span = wanted.range_for_length(size)
-        if span is None:
-            raise RangeNotSatisfiable(f"range {wanted} is outside the {size} bytes", size=size)
-        status, byte_range = 206, (span[0], span[1] - 1)
-        headers["Content-Range"] = f"bytes {span[0]}-{span[1] - 1}/{size}"
+    if request.method == "GET":  # a Range on HEAD is ignored (RFC 9110 section 14.2)
+        range_header, if_range = request.headers.get("Range"), request.headers.get("If-Range")
+        byte_range = requested_range(range_header, if_range, headers["ETag"], size)
+    if byte_range is not None:
+        status = 206
+        headers["Content-Range"] = f"bytes {byte_range[0]}-{byte_range[1]}/{size}"
     length = byte_range[1] - byte_range[0] + 1 if byte_range else size
     if request.method == "HEAD" or length == 0:
         response = Response(b"", status, headers)
