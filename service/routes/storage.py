@@ -27,7 +27,14 @@ from .. import metrics
 from ..auth.access import requires
 from ..clients import get_storage
 from ..clients.storage.client import object_metadata
-from ..clients.storage.names import MAX_PAGE_SIZE, check_bucket, check_name, decode_token, page
+from ..clients.storage.names import (
+    MAX_PAGE_SIZE,
+    check_bucket,
+    check_name,
+    check_query,
+    decode_token,
+    page,
+)
 from ..errors import (
     ErrorResponse,
     InvalidArgument,
@@ -100,7 +107,7 @@ async def _request_chunks(limit: int) -> AsyncIterator[bytes]:
 async def put_object(bucket: str, name: str) -> Response:
     """Create or replace an object from the request body."""
     check_bucket(bucket)
-    check_name(name)
+    check_name(name, request.scope.get("raw_path"))
     settings = current_settings()
     length = request.content_length
     if length is not None and length > settings.max_object_bytes:
@@ -164,7 +171,7 @@ async def put_object(bucket: str, name: str) -> Response:
 async def get_object(bucket: str, name: str) -> Response:
     """Stream an object (or, for ``HEAD``, its headers)."""
     check_bucket(bucket)
-    check_name(name)
+    check_name(name, request.scope.get("raw_path"))
     client = await get_storage()
     if request.method == "GET" and "Range" not in request.headers and not request.if_none_match:
         return await whole_object(client, bucket, name)
@@ -200,7 +207,7 @@ async def get_object(bucket: str, name: str) -> Response:
 async def delete_object(bucket: str, name: str) -> tuple[str, int]:
     """Delete an object: 204, or 404 when it does not exist."""
     check_bucket(bucket)
-    check_name(name)
+    check_name(name, request.scope.get("raw_path"))
     client = await get_storage()
     await client.delete(bucket, name)
     return "", 204
@@ -225,6 +232,7 @@ def _page_size() -> int:
 async def list_objects(bucket: str) -> dict[str, Any]:
     """A page of object metadata (and, with a delimiter, of common prefixes) in name order."""
     check_bucket(bucket)
+    check_query(request.query_string)
     prefix = request.args.get("prefix", "")
     delimiter = request.args.get("delimiter", "")
     size = _page_size()
