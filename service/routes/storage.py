@@ -2,8 +2,9 @@
 
 * ``PUT /v1/buckets/{bucket}/objects/{name}``: the body becomes the object (``Content-Type`` kept);
   201 with its metadata. ``If-None-Match: *`` creates only when absent (412 otherwise).
-* ``GET`` on the same path streams the object, honouring ``Range`` (206) and ``If-None-Match``
-  (304); ``HEAD`` answers the headers only; ``DELETE`` answers 204.
+* ``GET`` on the same path streams the object, honouring ``Range`` and ``If-Range`` (206; see
+  :mod:`.storage_download`) and ``If-None-Match`` (304); ``HEAD`` answers the headers only;
+  ``DELETE`` answers 204.
 * ``GET /v1/buckets/{bucket}/objects?prefix=&delimiter=&pageToken=&maxResults=``: a page of
   metadata.
 
