@@ -2,8 +2,9 @@
 
 * ``PUT /v1/buckets/{bucket}/objects/{name}``: the body becomes the object (``Content-Type`` kept);
   201 with its metadata. ``If-None-Match: *`` creates only when absent (412 otherwise).
-* ``GET`` on the same path streams the object, honouring ``Range`` (206) and ``If-None-Match``
-  (304); ``HEAD`` answers the headers only; ``DELETE`` answers 204.
+* ``GET`` on the same path streams the object, honouring ``Range`` and ``If-Range`` (206; see
+  :mod:`.storage_download`) and ``If-None-Match`` (304); ``HEAD`` answers the headers only;
+  ``DELETE`` answers 204.
 * ``GET /v1/buckets/{bucket}/objects?prefix=&delimiter=&pageToken=&maxResults=``: a page of
   metadata.
 
@@ -27,14 +28,20 @@ from .. import metrics
 from ..auth.access import requires
 from ..clients import get_storage
 from ..clients.storage.client import object_metadata
-from ..clients.storage.names import MAX_PAGE_SIZE, check_bucket, check_name, decode_token, page
+from ..clients.storage.names import (
+    MAX_PAGE_SIZE,
+    check_bucket,
+    check_name,
+    check_query,
+    decode_token,
+    page,
+)
 from ..config import current_settings
 from ..errors import (
     ErrorResponse,
     InvalidArgument,
     PayloadTooLarge,
     PreconditionFailed,
-    RangeNotSatisfiable,
     error_body,
 )
 from ..server import request_body
@@ -43,6 +50,7 @@ from .storage_download import (
     check_generation,
     metadata_headers,
     open_body,
+    requested_range,
     streamed,
     whole_object,
 )
@@ -99,7 +107,7 @@ async def _request_chunks(limit: int) -> AsyncIterator[bytes]:
 async def put_object(bucket: str, name: str) -> Response:
     """Create or replace an object from the request body."""
     check_bucket(bucket)
-    check_name(name)
+    check_name(name, request.scope.get("raw_path"))
     settings = current_settings()
     length = request.content_length
     if length is not None and length > settings.max_object_bytes:
@@ -163,7 +171,7 @@ async def put_object(bucket: str, name: str) -> Response:
 async def get_object(bucket: str, name: str) -> Response:
     """Stream an object (or, for ``HEAD``, its headers)."""
     check_bucket(bucket)
-    check_name(name)
+    check_name(name, request.scope.get("raw_path"))
     client = await get_storage()
     if request.method == "GET" and "Range" not in request.headers and not request.if_none_match:
         return await whole_object(client, bucket, name)
@@ -172,14 +180,12 @@ async def get_object(bucket: str, name: str) -> Response:
     if request.if_none_match and request.if_none_match.contains_weak(etag):
         return Response(b"", 304, headers)
     status, byte_range = 200, None
-    wanted = request.range
-    # Several ranges or another unit: the Range header is ignored and the whole object sent.
-    if wanted is not None and wanted.units == "bytes" and len(wanted.ranges) == 1 and size:
-        span = wanted.range_for_length(size)
-        if span is None:
-            raise RangeNotSatisfiable(f"range {wanted} is outside the {size} bytes", size=size)
-        status, byte_range = 206, (span[0], span[1] - 1)
-        headers["Content-Range"] = f"bytes {span[0]}-{span[1] - 1}/{size}"
+    if request.method == "GET":  # a Range on HEAD is ignored (RFC 9110 section 14.2)
+        range_header, if_range = request.headers.get("Range"), request.headers.get("If-Range")
+        byte_range = requested_range(range_header, if_range, headers["ETag"], size)
+    if byte_range is not None:
+        status = 206
+        headers["Content-Range"] = f"bytes {byte_range[0]}-{byte_range[1]}/{size}"
     length = byte_range[1] - byte_range[0] + 1 if byte_range else size
     if request.method == "HEAD" or length == 0:
         response = Response(b"", status, headers)
@@ -201,7 +207,7 @@ async def get_object(bucket: str, name: str) -> Response:
 async def delete_object(bucket: str, name: str) -> tuple[str, int]:
     """Delete an object: 204, or 404 when it does not exist."""
     check_bucket(bucket)
-    check_name(name)
+    check_name(name, request.scope.get("raw_path"))
     client = await get_storage()
     await client.delete(bucket, name)
     return "", 204
@@ -226,6 +232,7 @@ def _page_size() -> int:
 async def list_objects(bucket: str) -> dict[str, Any]:
     """A page of object metadata (and, with a delimiter, of common prefixes) in name order."""
     check_bucket(bucket)
+    check_query(request.query_string)
     prefix = request.args.get("prefix", "")
     delimiter = request.args.get("delimiter", "")
     size = _page_size()

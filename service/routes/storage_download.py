@@ -2,25 +2,38 @@
 
 A plain read is served from the media response alone (one backend request); conditional and
 ranged reads first fetch the object's metadata, which decides the status and headers.
+
+Ranges follow RFC 9110 section 14 (:func:`requested_range`). A ``GET`` with one byte range
+answers 206 with that range: ``first-last`` (``last`` past the end is cut to the end),
+``first-``, and ``-suffix`` (the last ``suffix`` bytes, or the whole object when it is
+shorter); a ``first`` at or past the end, or a suffix of 0, answers 416 with
+``Content-Range: bytes */SIZE``. The ``Range`` header is ignored, and the whole object sent
+with 200, when it does not parse, names another unit than ``bytes``, asks for several ranges
+(no multipart responses, and no single range covering them: a client asking for several must
+take a 200 anyway), comes with an ``If-Range`` that does not match the object's ETag (strong
+comparison; no ``Last-Modified`` is sent, so an ``If-Range`` date never matches), or comes on
+a ``HEAD`` (Range is defined for ``GET`` only). An empty object is always answered with 200:
+no 206 can describe its zero bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import aiohttp
 from multidict import CIMultiDictProxy
 from quart import Response
-from werkzeug.http import quote_etag
+from werkzeug.http import parse_range_header, quote_etag
 
 from .. import metrics
 from ..clients.storage.client import StorageClient
 from ..clients.storage.media import media_info
 from ..config import current_settings
-from ..errors import Unavailable
+from ..errors import RangeNotSatisfiable, Unavailable
 
 log = logging.getLogger("loopgate.storage")
 
@@ -28,6 +41,8 @@ READ_BYTES = 256 * 1024
 # Transferred bytes are counted in steps of this size: a metric update per chunk (in
 # multiprocess mode, a locked write to a shared file) costs a noticeable part of a chunk's time.
 COUNT_BYTES = 1024 * 1024
+# A suffix range of length 0: valid syntax that selects nothing (werkzeug calls it malformed).
+EMPTY_SUFFIX = re.compile(r"[ \t]*-0+[ \t]*", re.ASCII)
 
 
 class DownloadBody:
@@ -179,3 +194,39 @@ async def whole_object(client: StorageClient, bucket: str, name: str) -> Respons
     if info.generation:
         headers["X-Goog-Generation"] = info.generation
     return streamed(body, 200, headers, info.size)
+
+
+def requested_range(
+    range_header: str | None, if_range: str | None, etag: str, size: int
+) -> tuple[int, int] | None:
+    """The inclusive byte range a ``GET`` asks for, or ``None`` for the whole object.
+
+    Arguments:
+        range_header, if_range: the request's ``Range`` and ``If-Range`` headers.
+        etag: the object's ETag as sent in the ``ETag`` header (quoted).
+        size: the object's size in bytes.
+
+    Raises:
+        RangeNotSatisfiable: the one range asked for lies past the object's end.
+    """
+    if not range_header or not size:
+        return None
+    if if_range is not None and if_range.strip(" \t") != etag:
+        return None  # a changed object (or a weak tag, or a date): the whole of it is sent
+    unit, _, ranges = range_header.partition("=")
+    # Empty list elements ("bytes=0-9,") are ignored, as RFC 9110 section 5.6.1.2 asks.
+    ranges = ",".join(part for part in ranges.split(",") if part.strip(" \t"))
+    is_bytes = unit.strip(" \t").lower() == "bytes"
+    if is_bytes and EMPTY_SUFFIX.fullmatch(ranges):
+        raise RangeNotSatisfiable(
+            f"range {range_header} selects none of the {size} bytes", size=size
+        )
+    wanted = parse_range_header(f"{unit}={ranges}")
+    if wanted is None or wanted.units != "bytes" or len(wanted.ranges) != 1:
+        return None
+    start, stop = wanted.ranges[0]  # ``stop`` is exclusive, ``None`` when open
+    if start < 0:  # the last ``-start`` bytes
+        return max(size + start, 0), size - 1
+    if start >= size:
+        raise RangeNotSatisfiable(f"range {range_header} is outside the {size} bytes", size=size)
+    return start, (size if stop is None else min(stop, size)) - 1

@@ -1,4 +1,18 @@
-"""Cloud Storage's rules for bucket and object names, and loopgate's list page tokens."""
+"""Cloud Storage's rules for bucket and object names, and loopgate's list page tokens.
+
+Object names are checked as the client sent them. The server decodes a request's path before
+routing, replacing bytes that are not UTF-8 with U+FFFD, so ``%FF`` and ``%ED%A0%80`` (an encoded
+surrogate) would both become the name ``"\ufffd"``: two names, one object. :func:`check_name`
+therefore takes the raw, percent-encoded path too and refuses (400) any escape that does not
+decode strictly as UTF-8; :func:`check_query` does the same for a listing's parameters, whose
+undecodable bytes werkzeug would otherwise keep as the literal text ``%FF``.
+
+Cloud Storage forbids the names ``.`` and ``..``. It allows ``.`` and ``..`` as segments inside a
+name (``a/../b``), but loopgate refuses them too: it maps names to URL paths, where such segments
+are resolved away by clients, proxies and path-based tools (and dropped by the storage emulator),
+so such an object could be written but not reliably read or deleted. A listing's ``prefix`` is not
+a path and may hold them.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +22,7 @@ import json
 import re
 import unicodedata
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from ...config import current_settings
 from ...errors import InvalidArgument, NotFound
@@ -39,6 +54,8 @@ def name_problem(name: str) -> str | None:
         return f"it must be 1-{MAX_NAME_BYTES} bytes of UTF-8, not {size}"
     if name in (".", ".."):
         return "'.' and '..' are not allowed"
+    if any(segment in (".", "..") for segment in name.split("/")):
+        return "'.' and '..' are not allowed as segments between '/'"
     if any(unicodedata.category(char) == "Cc" for char in name):
         return "it contains a control character"
     if name.startswith(RESERVED_PREFIX):
@@ -46,12 +63,46 @@ def name_problem(name: str) -> str | None:
     return None
 
 
-def check_name(name: str) -> None:
-    """Raise :class:`InvalidArgument` for a name Cloud Storage would refuse."""
+def undecodable(raw: bytes) -> str | None:
+    """The first bytes of percent-encoded ``raw`` that are not UTF-8 (percent-encoded), or
+    ``None`` when all of it decodes. Encoded surrogates and overlong forms do not decode."""
+    data = unquote_to_bytes(raw)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return "".join(f"%{byte:02X}" for byte in data[exc.start : exc.end])
+    return None
+
+
+def check_name(name: str, raw_path: bytes | None = None) -> None:
+    """Raise :class:`InvalidArgument` for a name Cloud Storage would refuse.
+
+    Arguments:
+        name: the object name, as decoded from the request's path.
+        raw_path: the request's path as sent (percent-encoded, the ASGI ``raw_path``), when
+            known. Checked after the route matched and the bucket was checked, a byte in it
+            that is not UTF-8 can only be in the name.
+    """
+    bad = undecodable(raw_path) if raw_path is not None else None
+    if bad is not None:
+        raise InvalidArgument(f"invalid object name: it is not valid UTF-8 ({bad} does not decode)")
     problem = name_problem(name)
     if problem is not None:
         shown = name if len(name) <= 100 else name[:100] + "..."
         raise InvalidArgument(f"invalid object name {shown!r}: {problem}")
+
+
+def check_query(query_string: bytes) -> None:
+    """Raise :class:`InvalidArgument` for a query parameter (name or value) that is not UTF-8."""
+    for field in query_string.split(b"&"):
+        for part in field.partition(b"=")[::2]:
+            bad = undecodable(part)
+            if bad is not None:
+                shown = unquote_to_bytes(field.partition(b"=")[0]).decode("utf-8", "replace")
+                raise InvalidArgument(
+                    f"invalid query parameter {shown[:100]!r}: it is not valid UTF-8 "
+                    f"({bad} does not decode)"
+                )
 
 
 # -- page tokens ------------------------------------------------------------------------------
