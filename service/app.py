@@ -6,9 +6,8 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from quart import Quart, Response, jsonify
-from quart_schema import Info, QuartSchema, RequestSchemaValidationError
-from werkzeug.exceptions import HTTPException
+from quart import Quart
+from quart_schema import Info, QuartSchema
 
 from . import gctune
 from .auth import limits
@@ -16,7 +15,7 @@ from .auth.access import SECURITY_SCHEMES, init_auth
 from .clients import builtin_clients
 from .clients.pubsub.streaming_pull import STREAMING
 from .config import Settings, load_settings
-from .errors import ServiceError, describe_validation_error, error_body
+from .error_responses import register_error_handlers
 from .logs import configure_logging, init_request_ids
 from .loopclients.registry import ClientSpec, LoopRegistries, bind_registry
 from .openapi import LoopgateOpenAPIProvider
@@ -67,7 +66,7 @@ def create_app(
     deflate.set_compression(settings.stream_compression)
     hypercorn_close.bound_close()
     app.register_blueprint(storage.blueprint)
-    _register_error_handlers(app)
+    register_error_handlers(app)
 
     @app.before_request
     @app.before_websocket
@@ -95,33 +94,3 @@ def create_app(
             loops.forget(registry)
 
     return app
-
-
-def _register_error_handlers(app: Quart) -> None:
-    @app.errorhandler(ServiceError)
-    async def service_error(error: ServiceError) -> tuple[Response, int, dict[str, str]]:
-        return jsonify(error.body()), error.status_code, error.headers()
-
-    @app.errorhandler(RequestSchemaValidationError)
-    async def schema_error(error: RequestSchemaValidationError) -> tuple[Response, int]:
-        return jsonify(error_body(400, describe_validation_error(error.validation_error))), 400
-
-    @app.errorhandler(UnicodeDecodeError)
-    async def undecodable(error: UnicodeDecodeError) -> tuple[Response, int]:
-        # Quart decodes the body as UTF-8 before parsing JSON; bad bytes are the caller's fault.
-        return jsonify(error_body(400, "request body is not valid UTF-8")), 400
-
-    @app.errorhandler(HTTPException)
-    async def http_error(error: HTTPException) -> tuple[Response, int, dict[str, str]]:
-        code = error.code or 500
-        message = error.description or error.name
-        if code == 413:
-            message = f"request body larger than {app.config['MAX_CONTENT_LENGTH']} bytes"
-        allowed = getattr(error, "valid_methods", None)
-        headers = {"Allow": ", ".join(allowed)} if allowed else {}
-        return jsonify(error_body(code, message)), code, headers
-
-    @app.errorhandler(Exception)
-    async def unexpected(error: Exception) -> tuple[Response, int]:
-        log.exception("unhandled error", exc_info=error)
-        return jsonify(error_body(500, "internal error")), 500

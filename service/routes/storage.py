@@ -29,12 +29,14 @@ from ..clients import get_storage
 from ..clients.storage.client import object_metadata
 from ..clients.storage.names import MAX_PAGE_SIZE, check_bucket, check_name, decode_token, page
 from ..errors import (
+    BodyStalled,
+    ClientDisconnected,
     ErrorResponse,
     InvalidArgument,
     PayloadTooLarge,
     PreconditionFailed,
     RangeNotSatisfiable,
-    error_body,
+    RequestTimeout,
 )
 from ..loopclients.registry import current_settings
 from ..server import request_body
@@ -129,17 +131,12 @@ async def put_object(bucket: str, name: str) -> Response:
             resource = await client.upload_stream(
                 bucket, name, chunks, size=length, content_type=content_type, if_absent=if_absent
             )
-    except request_body.ClientDisconnected:
+    except ClientDisconnected:
         log.info("upload of %s/%s abandoned: the client disconnected", bucket, name)
-        refused = jsonify(error_body(400, "the client disconnected during the upload"))
-        refused.status_code = 400
-        return refused
-    except request_body.BodyStalled as exc:
+        raise
+    except BodyStalled as exc:
         log.info("upload of %s/%s abandoned: %s", bucket, name, exc)
-        stalled = jsonify(error_body(408, f"upload abandoned: {exc}"))
-        stalled.status_code = 408
-        stalled.headers["Connection"] = "close"
-        return stalled
+        raise RequestTimeout(f"upload abandoned: {exc.message}") from exc
     finally:
         metrics.STORAGE_TRANSFERS.labels(direction="up").dec()
     metadata = object_metadata(resource)

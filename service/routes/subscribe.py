@@ -49,12 +49,21 @@ from ..auth.access import current_identity, requires
 from ..auth.limits import connection_slot, current_limiter
 from ..clients.pubsub.specs import SUBSCRIBER
 from ..clients.pubsub.streaming_pull import STREAMING
-from ..errors import BackendError, ErrorResponse, InvalidArgument, NotFound
+from ..errors import (
+    CLOSE_TRY_AGAIN_LATER,
+    BackendError,
+    ErrorResponse,
+    InvalidArgument,
+    NotFound,
+    StreamClosed,
+    SubscriptionNotFound,
+    close_frame,
+)
 from ..loopclients.registry import current_settings
 from ..streams.gate import GATE
 from ..streams.hub import FANOUT
 from ..streams.queue_mode import QueueConsumer
-from ..streams.subscriber_queue import Batch, Listener, StreamClosed, dropped_text, websocket_texts
+from ..streams.subscriber_queue import Batch, Listener, dropped_text, websocket_texts
 from .publish import TOPIC_NAME, check_topic
 
 blueprint = Blueprint("stream", __name__)
@@ -179,9 +188,9 @@ async def topic_stream(topic: str) -> None:
                     try:
                         batch = await listener.get()
                     except StreamClosed as closed:
-                        if closed.code == 1013:
+                        if closed.code == CLOSE_TRY_AGAIN_LATER:
                             metrics.STREAM_DROPS.labels(topic=topic, reason="closed").inc()
-                        await websocket.close(closed.code, closed.reason)
+                        await websocket.close(*close_frame(closed))
                         return
                     for text in websocket_texts(batch):
                         if send is None:
@@ -253,7 +262,7 @@ def check_subscription(subscription: str) -> str:
         raise InvalidArgument(f"invalid subscription name {subscription[:300]!r}")
     settings = current_settings()
     if not settings.subscription_allowed(subscription):
-        raise NotFound(f"subscription {subscription!r} is not served here", resource=subscription)
+        raise SubscriptionNotFound(subscription, reason="is not served here")
     return f"projects/{settings.project}/subscriptions/{subscription}"
 
 
@@ -321,7 +330,7 @@ async def subscription_stream(subscription: str) -> None:
                     try:
                         texts = await consumer.get()
                     except StreamClosed as closed:
-                        await websocket.close(closed.code, closed.reason)
+                        await websocket.close(*close_frame(closed))
                         return
                     for text in texts:
                         await websocket.send(text)

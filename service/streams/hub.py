@@ -51,18 +51,10 @@ from .. import metrics
 from ..clients.pubsub.specs import SUBSCRIBER
 from ..clients.pubsub.streaming_pull import STREAMING, StreamingPull
 from ..config import Settings
-from ..errors import BackendError, TopicNotFound, Unavailable
+from ..errors import CLOSE_GOING_AWAY, CLOSE_NORMAL, BackendError, TopicNotFound, Unavailable
 from ..loopclients.registry import ClientSpec, current_settings
 from .gate import GATE, ConnectionGate
-from .subscriber_queue import (
-    CLOSE_GOING_AWAY,
-    CLOSE_NORMAL,
-    Bell,
-    Chunk,
-    Frame,
-    Listener,
-    encode_message,
-)
+from .subscriber_queue import Bell, Chunk, Frame, Listener, encode_message
 
 log = logging.getLogger("loopgate.fanout")
 
