@@ -47,14 +47,13 @@ from quart_schema import document_response
 from .. import metrics
 from ..auth.access import current_identity, requires
 from ..auth.limits import connection_slot, current_limiter
+from ..clients.pubsub.errors import translate
 from ..clients.pubsub.specs import SUBSCRIBER
 from ..clients.pubsub.streaming_pull import STREAMING
 from ..errors import (
     CLOSE_TRY_AGAIN_LATER,
-    BackendError,
     ErrorResponse,
     InvalidArgument,
-    NotFound,
     StreamClosed,
     SubscriptionNotFound,
     close_frame,
@@ -308,12 +307,8 @@ async def subscription_stream(subscription: str) -> None:
     admin = await SUBSCRIBER.get()
     try:
         await admin.get_subscription(subscription=path, timeout=10)
-    except gexc.NotFound:
-        raise NotFound(
-            f"subscription {subscription!r} does not exist", resource=subscription
-        ) from None
-    except gexc.GoogleAPICallError as exc:
-        raise BackendError("pubsub", exc.message or str(exc)) from exc
+    except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
+        raise translate(exc, subscription=subscription) from exc
     client = await STREAMING.get()
     current_limiter().check_slot(current_identity())
     async with connection_slot():
