@@ -1,10 +1,14 @@
-"""One error hierarchy for the whole service, and its single mapping to HTTP.
+"""One error hierarchy for the whole service, and its mapping to HTTP and websocket close codes.
 
 Every error a handler can raise on purpose is a :class:`ServiceError`. Its ``status_code`` and
 ``status`` (Google's canonical code name) decide the response; ``retry_after`` adds a ``Retry-After``
 header. The JSON body has the shape Google APIs use::
 
     {"error": {"code": 503, "status": "UNAVAILABLE", "message": "..."}}
+
+:mod:`service.error_responses` turns any exception (these and the framework's own) into that answer.
+A stream the server ends after ``websocket.accept()`` is closed with the code and reason
+:func:`close_frame` gives; the ``CLOSE_*`` codes are defined here and nowhere else.
 """
 
 from __future__ import annotations
@@ -78,9 +82,19 @@ class NotFound(ServiceError):
 
 
 class TopicNotFound(NotFound):
+    """A topic that is not served here or does not exist."""
+
     def __init__(self, topic: str, *, reason: str = "does not exist") -> None:
         super().__init__(f"topic {topic!r} {reason}", resource=topic)
         self.topic = topic
+
+
+class SubscriptionNotFound(NotFound):
+    """A subscription that is not served here or does not exist."""
+
+    def __init__(self, subscription: str, *, reason: str = "does not exist") -> None:
+        super().__init__(f"subscription {subscription!r} {reason}", resource=subscription)
+        self.subscription = subscription
 
 
 class PermissionDenied(ServiceError):
@@ -88,6 +102,34 @@ class PermissionDenied(ServiceError):
 
     status_code = 403
     status = "PERMISSION_DENIED"
+
+
+class ClientDisconnected(ServiceError):
+    """The client went away before its request body was complete; nothing was changed.
+
+    Answered 400, which normally reaches nobody: it is there for the log and a proxy that waits.
+    """
+
+    status_code = 400
+    status = "INVALID_ARGUMENT"
+
+
+class RequestTimeout(ServiceError):
+    """The client was too slow sending its request: answered 408, and the connection is closed."""
+
+    status_code = 408
+    status = "DEADLINE_EXCEEDED"
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
+class BodyStalled(RequestTimeout):
+    """The client sent nothing of its request body for ``idle_timeout`` seconds."""
+
+    def __init__(self, idle_timeout: float) -> None:
+        super().__init__(f"the client sent nothing of the body for {idle_timeout:g}s")
+        self.idle_timeout = idle_timeout
 
 
 class PreconditionFailed(ServiceError):
@@ -126,6 +168,21 @@ class Unavailable(ServiceError):
 
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message, retry_after=retry_after)
+
+
+class NotReady(Unavailable):
+    """Some client the service needs is down: ``/readyz`` answers 503 naming every client.
+
+    ``clients`` maps each client's name to ``"ok"`` or ``"down: <reason>"``; the body carries it
+    beside ``error``.
+    """
+
+    def __init__(self, message: str, *, clients: dict[str, str], retry_after: float = 1.0) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.clients = clients
+
+    def body(self) -> dict[str, Any]:
+        return super().body() | {"clients": self.clients}
 
 
 class PublisherOverloaded(Unavailable):
@@ -188,6 +245,30 @@ class RateLimited(ServiceError):
 
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message, retry_after=retry_after)
+
+
+# Websocket close codes (RFC 6455, section 7.4.1) the service closes its streams with.
+CLOSE_NORMAL = 1000  # the stream is over (idle timeout)
+CLOSE_GOING_AWAY = 1001  # the server is shutting down, or the connection is ending
+CLOSE_POLICY_VIOLATION = 1008  # the client may not have this stream (credentials, scope, request)
+CLOSE_INTERNAL_ERROR = 1011  # the server failed
+CLOSE_TRY_AGAIN_LATER = 1013  # overloaded or a backend is down: reconnect later
+
+
+class StreamClosed(Exception):
+    """The server ends a subscriber's stream: ``code`` is the websocket close code.
+
+    Not a :class:`ServiceError`: it is never an HTTP answer, only the end of a stream that was
+    already accepted (an SSE stream simply ends).
+    """
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.code}, {self.reason!r})"
 
 
 class ErrorResponse(BaseModel):

@@ -18,7 +18,7 @@ from quart.testing.connections import WebsocketResponseError
 
 from service import create_app
 from service.config import Settings
-from service.errors import TopicNotFound
+from service.errors import StreamClosed, TopicNotFound
 from service.streams.hub import FANOUT, Hub
 from service.streams.subscriber_queue import Bell, Frame, Listener, websocket_texts
 
@@ -215,9 +215,9 @@ async def test_shutdown_closes_subscribers_with_1001_and_deletes(
         hub = await _hub(app)
         async with hub.subscribe(topic.name) as listener:
             hub.gate.close("test")
-            with pytest.raises(Exception) as closed:
+            with pytest.raises(StreamClosed) as closed:
                 await asyncio.wait_for(listener.get(), WAIT)
-            assert getattr(closed.value, "code", None) == 1001
+            assert closed.value.code == 1001
         async with asyncio.timeout(WAIT):
             while _fanout_subscriptions(admin, hub, topic.name):
                 await asyncio.sleep(0.1)

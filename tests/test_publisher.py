@@ -19,7 +19,7 @@ from service.clients.pubsub.publisher import (
     Publisher,
     wire_size,
 )
-from service.errors import BackendError, PublisherOverloaded, TopicNotFound
+from service.errors import BackendError, PermissionDenied, PublisherOverloaded, TopicNotFound
 from service.loopclients import ForeignLoopError
 
 
@@ -164,7 +164,7 @@ async def test_a_failed_ordering_key_batch_fails_the_ones_queued_behind_it(
     )
     assert len(await asyncio.wait_for(other_key, 10)) == 1
     release.set()
-    with pytest.raises(BackendError, match="denied"):
+    with pytest.raises(PermissionDenied, match="denied"):
         await asyncio.wait_for(first, 10)
     with pytest.raises(BackendError, match="ordering key 'k'"):
         await asyncio.wait_for(second, 10)

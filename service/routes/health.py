@@ -8,7 +8,7 @@ from quart import Blueprint, Response
 from quart_schema import hide
 
 from .. import metrics
-from ..errors import Unavailable, error_body
+from ..errors import NotReady
 from ..loopclients import ClientUnavailable, current_registry
 
 blueprint = Blueprint("health", __name__)
@@ -23,8 +23,12 @@ async def healthz() -> dict[str, str]:
 
 @blueprint.get("/readyz")
 @hide
-async def readyz() -> tuple[dict[str, object], int, dict[str, str]]:
-    """200 when every eager client exists and answers; 503 naming the ones that do not."""
+async def readyz() -> dict[str, object]:
+    """200 when every eager client exists and answers; 503 naming the ones that do not.
+
+    Raises:
+        NotReady: some eager client is down (503 with ``Retry-After``).
+    """
     registry = current_registry()
     names = [spec.name for spec in registry.specs if spec.eager]
     results = await asyncio.gather(
@@ -41,12 +45,11 @@ async def readyz() -> tuple[dict[str, object], int, dict[str, str]]:
             down.append(ClientUnavailable(name, repr(result)))
         else:
             clients[name] = "ok"
-    if not down:
-        return {"status": "ready", "clients": clients}, 200, {}
-    message = "; ".join(error.message for error in down)
-    retry_after = min(error.retry_after or 1 for error in down)
-    body = error_body(503, message) | {"clients": clients}
-    return body, 503, Unavailable(message, retry_after=retry_after).headers()
+    if down:
+        message = "; ".join(error.message for error in down)
+        retry_after = min(error.retry_after or 1 for error in down)
+        raise NotReady(message, clients=clients, retry_after=retry_after)
+    return {"status": "ready", "clients": clients}
 
 
 @blueprint.get("/metrics")

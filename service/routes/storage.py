@@ -38,11 +38,13 @@ from ..clients.storage.names import (
 )
 from ..config import current_settings
 from ..errors import (
+    BodyStalled,
+    ClientDisconnected,
     ErrorResponse,
     InvalidArgument,
     PayloadTooLarge,
     PreconditionFailed,
-    error_body,
+    RequestTimeout,
 )
 from ..server import request_body
 from .storage_download import (
@@ -136,17 +138,12 @@ async def put_object(bucket: str, name: str) -> Response:
             resource = await client.upload_stream(
                 bucket, name, chunks, size=length, content_type=content_type, if_absent=if_absent
             )
-    except request_body.ClientDisconnected:
+    except ClientDisconnected:
         log.info("upload of %s/%s abandoned: the client disconnected", bucket, name)
-        refused = jsonify(error_body(400, "the client disconnected during the upload"))
-        refused.status_code = 400
-        return refused
-    except request_body.BodyStalled as exc:
+        raise
+    except BodyStalled as exc:
         log.info("upload of %s/%s abandoned: %s", bucket, name, exc)
-        stalled = jsonify(error_body(408, f"upload abandoned: {exc}"))
-        stalled.status_code = 408
-        stalled.headers["Connection"] = "close"
-        return stalled
+        raise RequestTimeout(f"upload abandoned: {exc.message}") from exc
     finally:
         metrics.STORAGE_TRANSFERS.labels(direction="up").dec()
     metadata = object_metadata(resource)

@@ -46,15 +46,23 @@ from quart_schema import document_response
 from .. import metrics
 from ..auth.access import current_identity, requires
 from ..auth.limits import connection_slot, current_limiter
+from ..clients.pubsub.errors import translate
 from ..clients.pubsub.specs import SUBSCRIBER
 from ..clients.pubsub.streaming_pull import STREAMING
 from ..config import current_settings
-from ..errors import BackendError, ErrorResponse, InvalidArgument, NotFound
+from ..error_responses import close_frame
+from ..errors import (
+    CLOSE_TRY_AGAIN_LATER,
+    ErrorResponse,
+    InvalidArgument,
+    StreamClosed,
+    SubscriptionNotFound,
+)
 from ..server.quart_connections import WEBSOCKET_SEND_KEY
 from ..streams.gate import GATE
 from ..streams.hub import FANOUT
 from ..streams.queue_mode import QueueConsumer
-from ..streams.subscriber_queue import Batch, Listener, StreamClosed, dropped_text, websocket_texts
+from ..streams.subscriber_queue import Batch, Listener, dropped_text, websocket_texts
 from .publish import TOPIC_NAME, check_topic
 
 blueprint = Blueprint("stream", __name__)
@@ -107,9 +115,9 @@ async def topic_stream(topic: str) -> None:
                     try:
                         batch = await listener.get()
                     except StreamClosed as closed:
-                        if closed.code == 1013:
+                        if closed.code == CLOSE_TRY_AGAIN_LATER:
                             metrics.STREAM_DROPS.labels(topic=topic, reason="closed").inc()
-                        await websocket.close(closed.code, closed.reason)
+                        await websocket.close(*close_frame(closed))
                         return
                     for text in websocket_texts(batch):
                         if send is None:
@@ -181,7 +189,7 @@ def check_subscription(subscription: str) -> str:
         raise InvalidArgument(f"invalid subscription name {subscription[:300]!r}")
     settings = current_settings()
     if not settings.subscription_allowed(subscription):
-        raise NotFound(f"subscription {subscription!r} is not served here", resource=subscription)
+        raise SubscriptionNotFound(subscription, reason="is not served here")
     return f"projects/{settings.project}/subscriptions/{subscription}"
 
 
@@ -227,12 +235,8 @@ async def subscription_stream(subscription: str) -> None:
     admin = await SUBSCRIBER.get()
     try:
         await admin.get_subscription(subscription=path, timeout=10)
-    except gexc.NotFound:
-        raise NotFound(
-            f"subscription {subscription!r} does not exist", resource=subscription
-        ) from None
-    except gexc.GoogleAPICallError as exc:
-        raise BackendError("pubsub", exc.message or str(exc)) from exc
+    except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
+        raise translate(exc, subscription=subscription) from exc
     client = await STREAMING.get()
     current_limiter().check_slot(current_identity())
     async with connection_slot():
@@ -249,7 +253,7 @@ async def subscription_stream(subscription: str) -> None:
                     try:
                         texts = await consumer.get()
                     except StreamClosed as closed:
-                        await websocket.close(closed.code, closed.reason)
+                        await websocket.close(*close_frame(closed))
                         return
                     for text in texts:
                         await websocket.send(text)

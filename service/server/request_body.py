@@ -37,6 +37,8 @@ from quart import Quart, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RequestRedirect
 
+from ..errors import BodyStalled, ClientDisconnected
+
 SCOPE_KEY = "loopgate.request_stream"
 # How long the rest of a body that the handler did not read is received and dropped once the
 # response has ended (a "lingering close"); see _finishing.
@@ -45,14 +47,6 @@ _MARK = "_loopgate_streams_body"
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class ClientDisconnected(Exception):
-    """The client went away before its request body was complete."""
-
-
-class BodyStalled(Exception):
-    """The client sent nothing of its request body for longer than the idle timeout."""
 
 
 def streams_body(view: F) -> F:
@@ -93,9 +87,8 @@ class RequestStream:
                     message = await self._receive()
             except TimeoutError:
                 self._released.set()  # Quart may read the channel again: the rest is dropped
-                raise BodyStalled(
-                    f"the client sent nothing of the body for {idle_timeout:g}s"
-                ) from None
+                assert idle_timeout is not None  # only a set timeout expires
+                raise BodyStalled(idle_timeout) from None
             if message["type"] == "http.disconnect":
                 self.disconnected = True
                 self._released.set()

@@ -48,21 +48,14 @@ from google.pubsub_v1 import SubscriberAsyncClient
 from google.pubsub_v1.types import ExpirationPolicy, Subscription
 
 from .. import metrics
+from ..clients.pubsub.errors import translate
 from ..clients.pubsub.specs import SUBSCRIBER
 from ..clients.pubsub.streaming_pull import STREAMING, StreamingPull
 from ..config import Settings, current_settings
-from ..errors import BackendError, TopicNotFound, Unavailable
+from ..errors import CLOSE_GOING_AWAY, CLOSE_NORMAL, Unavailable
 from ..loopclients import ClientSpec
 from .gate import GATE, ConnectionGate
-from .subscriber_queue import (
-    CLOSE_GOING_AWAY,
-    CLOSE_NORMAL,
-    Bell,
-    Chunk,
-    Frame,
-    Listener,
-    encode_message,
-)
+from .subscriber_queue import Bell, Chunk, Frame, Listener, encode_message
 
 log = logging.getLogger("loopgate.fanout")
 
@@ -241,10 +234,8 @@ class Hub:
             await self.admin.create_subscription(request=request, timeout=10)
         except gexc.AlreadyExists:
             return
-        except gexc.NotFound as exc:
-            raise TopicNotFound(feed.topic) from exc
         except gexc.GoogleAPICallError as exc:
-            raise BackendError("pubsub", exc.message or str(exc)) from exc
+            raise translate(exc, topic=feed.topic) from exc
         if not again:
             metrics.FANOUT_SUBSCRIPTIONS.inc()
         log.info("created fan-out subscription %s", feed.subscription)

@@ -17,18 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_TRY_AGAIN_LATER = 1013
-
-
-class StreamClosed(Exception):
-    """The server ends this subscriber's stream; ``code`` is the websocket close code."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(f"{code}: {reason}")
-        self.code = code
-        self.reason = reason
+from ..errors import CLOSE_TRY_AGAIN_LATER, StreamClosed
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,8 +35,9 @@ from google.pubsub_v1 import PublisherAsyncClient
 from google.pubsub_v1.types import PublishRequest, PublishResponse, PubsubMessage
 
 from ... import metrics
-from ...errors import BackendError, PublisherOverloaded, TopicNotFound, Unavailable
+from ...errors import BackendError, PublisherOverloaded, Unavailable
 from ...loopclients import ForeignLoopError
+from .errors import translate
 
 log = logging.getLogger("loopgate.publisher")
 
@@ -325,17 +326,11 @@ class Publisher:
                     retry=self._retry,
                     timeout=min(60.0, self._settings.timeout),
                 )
-            except gexc.NotFound as exc:
-                raise TopicNotFound(batch.topic.rsplit("/", 1)[-1]) from exc
-            except gexc.GoogleAPICallError as exc:
-                metrics.PUBLISH_BATCH_ERRORS.labels(reason=type(exc).__name__).inc()
-                raise BackendError("pubsub", exc.message or str(exc)) from exc
-            except gexc.RetryError as exc:
-                metrics.PUBLISH_BATCH_ERRORS.labels(reason="RetryError").inc()
-                cause = exc.cause if exc.cause is not None else exc
-                raise BackendError(
-                    "pubsub",
-                    f"publish did not succeed within {self._settings.timeout:g}s: {cause}",
+            except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
+                if not isinstance(exc, gexc.NotFound):  # a missing topic is no batch error
+                    metrics.PUBLISH_BATCH_ERRORS.labels(reason=type(exc).__name__).inc()
+                raise translate(
+                    exc, topic=batch.topic, operation="publish", timeout=self._settings.timeout
                 ) from exc
             ids = list(RAW_RESPONSE_OF(response).message_ids)
             if len(ids) != batch.count:
