@@ -51,10 +51,11 @@ from ..clients.pubsub.specs import SUBSCRIBER
 from ..clients.pubsub.streaming_pull import STREAMING
 from ..errors import BackendError, ErrorResponse, InvalidArgument, NotFound
 from ..loopclients.registry import current_settings
+from ..streams.frames import Batch, dropped_text, websocket_texts
 from ..streams.gate import GATE
 from ..streams.hub import FANOUT
 from ..streams.queue_mode import QueueConsumer
-from ..streams.subscriber_queue import Batch, Listener, StreamClosed, dropped_text, websocket_texts
+from ..streams.subscriber_queue import Listener, StreamClosed
 from .publish import TOPIC_NAME, check_topic
 
 blueprint = Blueprint("stream", __name__)

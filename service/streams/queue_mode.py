@@ -26,7 +26,8 @@ from google.pubsub_v1 import SubscriberAsyncClient
 
 from ..clients.pubsub.streaming_pull import StreamingPull
 from ..config import Settings
-from .subscriber_queue import CLOSE_GOING_AWAY, StreamClosed, encode_message
+from .frames import encode_message
+from .subscriber_queue import CLOSE_GOING_AWAY, StreamClosed
 
 log = logging.getLogger("loopgate.queue")
 
