@@ -63,10 +63,6 @@ class QueueConsumer:
     def start(self) -> None:
         self.pull.start()
 
-    @property
-    def held(self) -> int:
-        return len(self._held)
-
     def _on_messages(self, messages: list[Any]) -> None:
         if self.closed is not None:
             self._late.extend(messages)
