@@ -31,8 +31,8 @@ from service.clients.pubsub.specs import SUBSCRIBER
 from service.clients.pubsub.streaming_pull import STREAMING, StreamingPull
 from service.config import current_settings
 from service.loopclients import ClientSpec
+from service.streams.frames import Frame, encode_message
 from service.streams.hub import FANOUT, Hub
-from service.streams.subscriber_queue import Frame, encode_message
 
 TICK = 0.01
 
@@ -41,10 +41,7 @@ class TimerHub(Hub):
     """A hub whose topics are fed by :func:`_timer` instead of a Pub/Sub subscription."""
 
     async def _start_feed(self, feed: Any) -> None:
-        return None
-
-    async def _create_subscription(self, feed: Any, *, again: bool = False) -> None:
-        return None
+        return None  # no subscription, no streaming pull
 
 
 async def _create_timer_hub() -> Hub:

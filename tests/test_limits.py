@@ -163,10 +163,13 @@ async def test_real_server_limits_publish_rate_and_streams(
 
         # hypercorn.toml bounds the request head (see SECURITY.md for what that means).
         huge = {"X-Padding": "x" * 100_000, **bearer(OTHER)}
+        status: int | None
         try:
             async with session.post(url, json=BODY, headers=huge) as response:
                 status = response.status
-        except aiohttp.ClientError:
-            status = 0  # connection closed without an answer: refused too
-        assert status == 0 or 400 <= status < 500
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            # Hypercorn answers 431 and closes at once, before reading the rest of the head:
+            # the client, still sending it, may see the close (or a reset) before the answer.
+            status = None
+        assert status in (431, None)
     assert len(topic.received(3)) == 3

@@ -1,4 +1,5 @@
-"""The HTTP connection class: a request's tasks end when the server cancels the connection."""
+"""The service's HTTP connections (:class:`service.streams.gate.HTTPConnection`): a request's tasks
+end when the server cancels the connection."""
 
 from __future__ import annotations
 
@@ -6,19 +7,12 @@ import asyncio
 from typing import Any
 
 from conftest import WAIT, http_scope, make_settings
-from quart import Quart
 
 from service import create_app
-from service.server.quart_connections import HTTPConnection
-
-
-def test_the_app_uses_it() -> None:
-    assert create_app(make_settings()).asgi_http_class is HTTPConnection
 
 
 async def test_cancelling_the_connection_cancels_its_handler() -> None:
-    app = Quart(__name__)
-    app.asgi_http_class = HTTPConnection
+    app = create_app(make_settings(eager=False))  # no client is needed
     started, ended = asyncio.Event(), asyncio.Event()
 
     @app.get("/slow")

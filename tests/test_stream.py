@@ -306,7 +306,7 @@ async def test_sigterm_ends_a_worker_whose_subscriber_reads_nothing(
     start_server: Any, topic: Topic
 ) -> None:
     # Hypercorn cancels the connection at its graceful timeout, then would wait forever to flush
-    # what it holds for a client that reads nothing; the close is bounded (service/hypercorn_close).
+    # what it holds for a client that reads nothing; the close is bounded (service/server/hypercorn_close.py).
     server = await start_server(
         {"LOOPGATE_STREAM_QUEUE_SIZE": "100"}, args=["--graceful-timeout", "2"]
     )

@@ -59,10 +59,11 @@ from ..errors import (
     SubscriptionNotFound,
 )
 from ..server.quart_connections import WEBSOCKET_SEND_KEY
+from ..streams.frames import Batch, dropped_text, websocket_texts
 from ..streams.gate import GATE
 from ..streams.hub import FANOUT
 from ..streams.queue_mode import QueueConsumer
-from ..streams.subscriber_queue import Batch, Listener, dropped_text, websocket_texts
+from ..streams.subscriber_queue import Listener
 from .publish import TOPIC_NAME, check_topic
 
 blueprint = Blueprint("stream", __name__)

@@ -50,11 +50,6 @@ class ConnectionGate:
         gate._task = asyncio.get_running_loop().create_task(gate._watch(), name="shutdown-watch")
         return gate
 
-    @property
-    def watching_hypercorn(self) -> bool:
-        """Whether the Hypercorn worker's own shutdown event was found."""
-        return self._hypercorn_event is not None
-
     async def _watch(self) -> None:
         while not self.closing.is_set():
             if self._hypercorn_event is not None and self._hypercorn_event.is_set():
@@ -111,12 +106,8 @@ class ConnectionGate:
             await asyncio.gather(task, return_exceptions=True)
 
 
-async def _close_gate(gate: ConnectionGate) -> None:
-    await gate.aclose()
-
-
 GATE: ClientSpec[ConnectionGate] = ClientSpec(
-    "connection-gate", create=ConnectionGate.create, close=_close_gate
+    "connection-gate", create=ConnectionGate.create, close=ConnectionGate.aclose
 )
 
 

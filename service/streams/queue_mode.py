@@ -27,7 +27,7 @@ from google.pubsub_v1 import SubscriberAsyncClient
 from ..clients.pubsub.streaming_pull import StreamingPull
 from ..config import Settings
 from ..errors import CLOSE_GOING_AWAY, StreamClosed
-from .subscriber_queue import encode_message
+from .frames import encode_message
 
 log = logging.getLogger("loopgate.queue")
 
@@ -62,10 +62,6 @@ class QueueConsumer:
 
     def start(self) -> None:
         self.pull.start()
-
-    @property
-    def held(self) -> int:
-        return len(self._held)
 
     def _on_messages(self, messages: list[Any]) -> None:
         if self.closed is not None:

@@ -1,48 +1,20 @@
-"""One subscriber's bounded queue of messages, and the frames it is sent.
+"""One subscriber's bounded queue (:class:`Listener`), and the :class:`Bell` that wakes the idle
+subscribers of a topic at once.
 
-Each message is serialized once, when it arrives from Pub/Sub, into the text of a single-message
-frame; every subscriber's queue holds a reference to that same :class:`Frame`. When several messages
-wait for one connection they go out together in one ``{"type": "messages", "messages": [...]}``
-frame whose items are those same texts, so nothing is serialized per subscriber; when the hub hands
-several messages to every subscriber at once (a :class:`Chunk`), the text of that frame is built
-once and shared by every connection that had nothing else waiting.
+The topic's feed (:mod:`service.streams.feed`) fills every subscriber's queue with the same
+:class:`~service.streams.frames.Frame` objects; the connection's writer takes them out in batches
+(:meth:`Listener.get`) and writes each batch (on a websocket, as the frames of
+:func:`~service.streams.frames.websocket_texts`). A full queue drops its oldest messages, or ends
+the stream with 1013, per the slow-consumer policy.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, NamedTuple
 
 from ..errors import CLOSE_TRY_AGAIN_LATER, StreamClosed
-
-
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """A message serialized once: the JSON text of a ``{"type": "message", ...}`` frame."""
-
-    message_id: str
-    text: str
-    published: float  # Pub/Sub's publish time, seconds since the epoch
-
-
-class Chunk:
-    """Messages handed to every subscriber of a topic at once; their coalesced text is built once."""
-
-    __slots__ = ("_text", "frames")
-
-    def __init__(self, frames: list[Frame]) -> None:
-        self.frames = frames
-        self._text: str | None = None
-
-    @property
-    def text(self) -> str:
-        if self._text is None:
-            self._text = coalesced_text(self.frames)
-        return self._text
+from .frames import Batch, Chunk, Frame
 
 
 class Bell:
@@ -50,7 +22,7 @@ class Bell:
 
     Waking thousands of connections one future each costs more than the frames they then write.
     ``refill``, when set, is called by each subscriber as it wakes, before it reads its queue: the
-    hub uses it to hand over messages that arrived while the loop was busy writing.
+    feed uses it to hand over messages that arrived while the loop was busy writing.
     """
 
     __slots__ = ("_future", "_loop", "refill")
@@ -71,53 +43,9 @@ class Bell:
             future.set_result(None)
 
 
-class Batch(NamedTuple):
-    frames: list[Frame]
-    dropped: int
-    heartbeat: bool
-    chunk: Chunk | None = None  # set when ``frames`` are exactly this chunk's
-
-
-def encode_message(message: Any, *, ack_id: str | None = None) -> Frame:
-    """Serialize a received Pub/Sub message (``google.cloud.pubsub_v1`` ``Message``)."""
-    published = message.publish_time
-    body: dict[str, Any] = {
-        "type": "message",
-        "messageId": message.message_id,
-        "data": base64.b64encode(message.data).decode("ascii"),
-        "attributes": dict(message.attributes),
-        "orderingKey": message.ordering_key,
-        "publishTime": published.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-    }
-    if ack_id is not None:
-        body["ackId"] = ack_id
-    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
-    return Frame(message.message_id, text, published.timestamp())
-
-
-def dropped_text(count: int) -> str:
-    return f'{{"type":"dropped","count":{count}}}'
-
-
-def coalesced_text(frames: list[Frame]) -> str:
-    """One websocket frame's text for ``frames``: a ``message``, or ``messages`` when several."""
-    if len(frames) == 1:
-        return frames[0].text
-    return '{"type":"messages","messages":[' + ",".join(f.text for f in frames) + "]}"
-
-
-def websocket_texts(batch: Batch) -> list[str]:
-    """The websocket text frames for ``batch``: a drop notice, then one (coalesced) frame."""
-    texts = [dropped_text(batch.dropped)] if batch.dropped else []
-    if batch.chunk is not None:
-        texts.append(batch.chunk.text)
-    elif batch.frames:
-        texts.append(coalesced_text(batch.frames))
-    return texts
-
-
 class Listener:
-    """A subscriber's bounded queue. Filled by the hub, drained by the connection's writer."""
+    """A subscriber's bounded queue. Filled by the topic's feed, drained by the connection's
+    writer."""
 
     __slots__ = (
         "_bell",
