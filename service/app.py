@@ -17,7 +17,7 @@ from .clients import builtin_clients
 from .clients.pubsub.streaming_pull import STREAMING
 from .config import Settings, load_settings
 from .errors import ServiceError, describe_validation_error, error_body
-from .logs import configure_logging, init_request_ids
+from .logs import configure_logging, init_loop_logging, init_request_ids
 from .loopclients.registry import ClientSpec, LoopRegistries, bind_registry
 from .openapi import LoopgateOpenAPIProvider
 from .routes import health, publish, storage, subscribe
@@ -68,6 +68,7 @@ def create_app(
     hypercorn_close.bound_close()
     app.register_blueprint(storage.blueprint)
     _register_error_handlers(app)
+    init_loop_logging(app)
 
     @app.before_request
     @app.before_websocket
