@@ -21,7 +21,7 @@ from .logs import configure_logging, init_loop_logging, init_request_ids
 from .loopclients.registry import ClientSpec, LoopRegistries, bind_registry
 from .openapi import LoopgateOpenAPIProvider
 from .routes import health, publish, storage, subscribe
-from .server import deflate, hypercorn_close
+from .server import deflate, framing, hypercorn_close
 from .streams.gate import GATE, HTTPConnection
 from .streams.hub import FANOUT
 
@@ -69,6 +69,7 @@ def create_app(
     app.register_blueprint(storage.blueprint)
     _register_error_handlers(app)
     init_loop_logging(app)
+    framing.install(app)  # last: the outermost wrapper, it sees every request first
 
     @app.before_request
     @app.before_websocket
