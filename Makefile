@@ -1,5 +1,6 @@
 # make run  - set up, start the emulators and the service on http://127.0.0.1:8080
 # make test - set up and run the whole test suite (it starts its own emulators)
+# make lint - ruff (lint and format) and mypy --strict
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -20,7 +21,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check service tests bench
+	$(BIN)/ruff check service tests bench devtools
+	$(BIN)/ruff format --check service tests bench devtools
 	$(BIN)/mypy
 
 bench: $(STAMP)

@@ -16,7 +16,7 @@ from .clients import builtin_clients
 from .clients.pubsub.streaming_pull import STREAMING
 from .config import Settings, load_settings
 from .error_responses import register_error_handlers
-from .logs import configure_logging, init_request_ids
+from .logs import configure_logging, init_loop_logging, init_request_ids
 from .loopclients import ClientSpec, LoopClients
 from .openapi import LoopgateOpenAPIProvider
 from .routes import health, publish, storage, subscribe
@@ -69,8 +69,9 @@ def create_app(
     app.register_blueprint(publish.blueprint)
     app.register_blueprint(subscribe.blueprint)
     app.register_blueprint(storage.blueprint)
-    server.install(app, settings)
     register_error_handlers(app)
+    init_loop_logging(app)
+    server.install(app, settings)  # last: its wrappers must see every request first
 
     if settings.gc_tuning:
 

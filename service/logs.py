@@ -5,19 +5,31 @@ Every request gets an id: a sane incoming ``X-Request-ID`` (1-128 characters of 
 log line written while the request runs. Hypercorn's access log uses the same formatter (see
 ``logconfig_dict`` in hypercorn.toml) and takes the id from the response header.
 
+Every line the service writes is JSON, the event loop's own reports included:
+:func:`configure_logging` gives every logger the same handler, and :func:`init_loop_logging`
+installs, on the loop that serves the app, an exception handler that logs what the loop reports
+(an exception raised in a callback, a task destroyed while pending) through ``loopgate.loop``, the
+traceback as one field. A ``CancelledError`` is shutdown noise and logged at debug: the stream
+server of asyncio (which Hypercorn uses) reports one for every connection task that ends cancelled,
+as Hypercorn's connections still open at its graceful timeout do (CPython issue gh-113538; its fix,
+python/cpython#113690, is not in the Python 3.11.7 this was seen on).
+
 Credentials and message data are never passed to a logger. As a second line of defence the formatter
 masks anything that looks like a bearer credential, a JWT or an ``access_token`` parameter.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import datetime
 import json
 import logging
 import os
 import re
+import ssl
 import sys
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,7 +52,11 @@ principal_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "loopgate.principal", default=None
 )
 
+_loop_log = logging.getLogger("loopgate.loop")
+
 _HANDLER_MARK = "_loopgate_handler"
+# Named fields a record may carry (``extra={FIELDS: {...}}``), written as they are in JSON.
+FIELDS = "loopgate_fields"
 # Access log fields taken from Hypercorn's atoms: never the query string, never request headers.
 _ACCESS_FIELDS = {
     "h": "remote",
@@ -89,19 +105,26 @@ class JsonFormatter(logging.Formatter):
             principal = principal_var.get()
             if principal:
                 entry["principal"] = principal
+        fields = getattr(record, FIELDS, None)
+        if isinstance(fields, Mapping):
+            for name, value in fields.items():
+                entry.setdefault(name, redact(value) if isinstance(value, str) else value)
         if record.exc_info:
             entry["exception"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
 def configure_logging(fmt: str = "json", level: str = "INFO") -> None:
-    """Send the ``loopgate`` loggers to stderr, as JSON lines (``fmt="json"``) or plain text.
+    """Send every logger's records to stderr, as JSON lines (``fmt="json"``) or plain text: the
+    ``loopgate`` loggers at ``level``, the others (asyncio's, the Google clients', and Python's
+    warnings, captured as ``py.warnings``) at their own levels, by default warnings and above.
+
+    The handler is the root logger's: without one, records of loggers that have none (asyncio's)
+    would reach stderr as plain text through logging's last-resort handler. Loggers that have
+    their own and do not propagate (Hypercorn's, set in hypercorn.toml) are left to it.
 
     Idempotent: calling it again replaces the handler it installed before.
     """
-    logger = logging.getLogger("loopgate")
-    for handler in [h for h in logger.handlers if getattr(h, _HANDLER_MARK, False)]:
-        logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     setattr(handler, _HANDLER_MARK, True)
     if fmt == "json":
@@ -110,19 +133,71 @@ def configure_logging(fmt: str = "json", level: str = "INFO") -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s")
         )
-    logger.addHandler(handler)
-    logger.setLevel(level)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    logging.getLogger("loopgate").setLevel(level)
+    logging.captureWarnings(True)
+    google = logging.getLogger("google")
+    if not google.handlers:
+        # google-api-core stops the "google" loggers from propagating when its first client is
+        # made, unless they were configured before: their records would then reach stderr as
+        # plain text through logging's last-resort handler. A level configures them.
+        google.propagate = True
+        if google.level == logging.NOTSET:
+            google.setLevel(logging.WARNING)
+
+
+def log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """An event loop exception handler (see ``loop.set_exception_handler``) that logs through
+    ``loopgate.loop``: a ``CancelledError`` (shutdown noise) and a failed TLS handshake (the
+    client's) at debug, anything else at error, with the exception's type and message and its
+    traceback as the ``exception`` field. The context's other entries are fields of the line."""
+    exception = context.get("exception")
+    message = str(context.get("message") or "event loop error")
+    fields = {
+        name: value if isinstance(value, (str, int, float, bool)) else repr(value)
+        for name, value in context.items()
+        if name not in ("message", "exception", "source_traceback", "handle_traceback")
+    }
+    for name in ("source_traceback", "handle_traceback"):
+        frames = context.get(name)
+        if frames:
+            fields[name] = "".join(traceback.format_list(frames))
+    if isinstance(exception, BaseException):
+        fields["error_type"] = type(exception).__name__
+        message = f"{message}: {type(exception).__name__}"
+        if str(exception):
+            message += f": {exception}"
+        quiet = isinstance(exception, (asyncio.CancelledError, ssl.SSLError))
+        _loop_log.log(
+            logging.DEBUG if quiet else logging.ERROR,
+            "%s",
+            message,
+            exc_info=(type(exception), exception, exception.__traceback__),
+            extra={FIELDS: fields},
+        )
+    else:
+        _loop_log.error("%s", message, extra={FIELDS: fields})
+
+
+def init_loop_logging(app: Quart) -> None:
+    """Have the loop that serves ``app`` report through :func:`log_loop_exception`.
+
+    Installed when serving starts, on the running loop, and kept after serving ends: the loop's
+    last reports (connections and tasks ending after the app's shutdown) must be JSON too.
+    """
+
+    @app.before_serving
+    async def install_loop_exception_handler() -> None:
+        asyncio.get_running_loop().set_exception_handler(log_loop_exception)
 
 
 def _incoming_id() -> str:
     headers = websocket.headers if has_websocket_context() else request.headers
     value = headers.get(REQUEST_ID_HEADER, "")
     return value if _SANE_ID.fullmatch(value) else os.urandom(16).hex()
-
-
-def current_request_id() -> str | None:
-    """The id of the request being served."""
-    return request_id_var.get()
 
 
 def init_request_ids(app: Quart) -> None:

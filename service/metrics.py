@@ -124,5 +124,5 @@ CLIENT_HOOKS = Hooks(
 def render() -> tuple[bytes, str]:
     """The metrics of every worker of this instance, in Prometheus text format."""
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # unannotated upstream
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from authkit import JWT_SECRET, bearer, make_jwt, new_token, write_tokens
-from conftest import Topic
+from conftest import WAIT, Topic
 from quart import Quart
 
-from service.logs import JsonFormatter, configure_logging, redact
+from service.logs import (
+    JsonFormatter,
+    configure_logging,
+    init_loop_logging,
+    log_loop_exception,
+    redact,
+)
 
 
 def record(name: str, message: str, args: Any = None) -> logging.LogRecord:
@@ -99,14 +107,146 @@ def test_text_format_is_available() -> None:
     configure_logging("text", "INFO")
     try:
         handlers = [
-            h
-            for h in logging.getLogger("loopgate").handlers
-            if getattr(h, "_loopgate_handler", False)
+            h for h in logging.getLogger().handlers if getattr(h, "_loopgate_handler", False)
         ]
         assert len(handlers) == 1
         assert not isinstance(handlers[0].formatter, JsonFormatter)
     finally:
         configure_logging("json", "INFO")
+
+
+def test_other_loggers_write_json_lines_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    configure_logging("json", "INFO")
+    try:
+        # asyncio's logger has no handler of its own: logging's last resort would write the
+        # message and its traceback as plain lines.
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            logging.getLogger("asyncio").exception("Task exception was never retrieved")
+        logging.getLogger("asyncio").info("below the warning level: not written")
+    finally:
+        monkeypatch.undo()
+        configure_logging("json", "INFO")
+    [entry] = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert entry["logger"] == "asyncio"
+    assert "RuntimeError: boom" in entry["exception"]
+
+
+@pytest.mark.parametrize("clients_first", [True, False])
+def test_google_client_logs_are_json_lines(
+    monkeypatch: pytest.MonkeyPatch, clients_first: bool
+) -> None:
+    from google.api_core import client_logging
+
+    google = logging.getLogger("google")
+    monkeypatch.setattr(google, "propagate", True)
+    monkeypatch.setattr(google, "level", logging.NOTSET)
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    try:
+        # google-api-core, when its first client is made, stops the "google" loggers from
+        # propagating unless they were configured before.
+        if clients_first:
+            client_logging.setup_logging()
+        configure_logging("json", "INFO")
+        if not clients_first:
+            client_logging.setup_logging()
+        logging.getLogger("google.cloud.pubsub_v1").warning("a client's warning")
+        logging.getLogger("google.cloud.pubsub_v1").info("below the warning level: not written")
+    finally:
+        monkeypatch.undo()
+        configure_logging("json", "INFO")
+    [entry] = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert entry["logger"] == "google.cloud.pubsub_v1"
+
+
+def loop_entry(context: dict[str, Any]) -> tuple[logging.LogRecord, dict[str, Any]]:
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Collect()
+    logger = logging.getLogger("loopgate.loop")
+    logger.addHandler(handler)
+    level = logging.getLogger("loopgate").level
+    logging.getLogger("loopgate").setLevel(logging.DEBUG)
+    try:
+        loop = asyncio.new_event_loop()
+        try:
+            log_loop_exception(loop, context)
+        finally:
+            loop.close()
+    finally:
+        logger.removeHandler(handler)
+        logging.getLogger("loopgate").setLevel(level)
+    [got] = records
+    line = JsonFormatter().format(got)
+    assert "\n" not in line
+    return got, json.loads(line)
+
+
+def raised(error: BaseException) -> BaseException:
+    try:
+        raise error
+    except BaseException as caught:
+        return caught
+
+
+def test_loop_errors_are_logged_at_error_with_type_message_and_traceback() -> None:
+    record, entry = loop_entry(
+        {"message": "Exception in callback f()", "exception": raised(KeyError("k")), "handle": 1}
+    )
+    assert record.levelno == logging.ERROR
+    assert entry["logger"] == "loopgate.loop"
+    assert entry["message"] == "Exception in callback f(): KeyError: 'k'"
+    assert entry["error_type"] == "KeyError" and entry["handle"] == 1
+    assert entry["exception"].startswith("Traceback (most recent call last):")
+    assert "raise error" in entry["exception"]
+
+    record, entry = loop_entry({"message": "Task was destroyed but it is pending!", "task": "t"})
+    assert record.levelno == logging.ERROR
+    assert entry["message"] == "Task was destroyed but it is pending!" and entry["task"] == "t"
+
+
+def test_a_cancelled_callback_at_shutdown_is_logged_at_debug() -> None:
+    record, entry = loop_entry(
+        {"message": "Exception in callback cb", "exception": raised(asyncio.CancelledError())}
+    )
+    assert record.levelno == logging.DEBUG
+    assert entry["message"] == "Exception in callback cb: CancelledError"
+    assert "CancelledError" in entry["exception"]
+
+
+async def test_the_serving_loop_reports_through_the_json_logger(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = Quart(__name__)
+    init_loop_logging(app)
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    called = asyncio.Event()
+
+    def fails() -> None:
+        called.set()
+        raise ValueError("in a callback")
+
+    try:
+        async with app.test_app():
+            assert loop.get_exception_handler() is log_loop_exception
+            with caplog.at_level(logging.ERROR, logger="loopgate.loop"):
+                loop.call_soon(fails)
+                await asyncio.wait_for(called.wait(), WAIT)
+                await asyncio.sleep(0)  # the handler runs right after the callback
+    finally:
+        loop.set_exception_handler(previous)
+    [record] = [r for r in caplog.records if r.name == "loopgate.loop"]
+    assert record.levelno == logging.ERROR
+    assert "ValueError: in a callback" in record.getMessage()
 
 
 async def test_real_server_logs_are_json_without_credentials_or_message_data(

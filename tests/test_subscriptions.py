@@ -60,7 +60,7 @@ def test_leftovers_are_the_unused_subscriptions_of_this_prefix(
 async def test_sweep_deletes_own_leftovers_only(
     app: Quart, admin: PubSubAdmin, topic: Topic
 ) -> None:
-    registry = app.extensions["loopgate"].registry_for_running_loop()
+    registry = app.extensions["loopclients"].registry_for_running_loop()
     with registry.bind():
         subs = (await FANOUT.get()).subscriptions
     mine = f"{subs.prefix}{subs.host}.{DEAD_PID}.abcdef.{topic.name}"

@@ -29,7 +29,7 @@ import contextlib
 import functools
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, ParamSpec, TypeVar
 
 from quart import Quart, current_app, g, has_websocket_context, request, websocket
@@ -153,8 +153,8 @@ def init_auth(app: Quart, settings: Settings) -> Authenticator:
     auth = Authenticator(settings)
     app.extensions[EXTENSION] = auth
 
-    @app.while_serving  # type: ignore[type-var]
-    async def token_reloading() -> AsyncIterator[None]:
+    @app.while_serving
+    async def token_reloading() -> AsyncGenerator[None, None]:
         if not auth.enabled:
             log.warning("authentication is DISABLED (LOOPGATE_AUTH=disabled): anyone may call")
         async with auth.reloading():

@@ -137,9 +137,6 @@ class Limiter:
         own = identity.limits.max_connections
         return own if own is not None else self.settings.max_connections_per_token
 
-    def open_connections(self, identity: Identity) -> int:
-        return self._connections.get(identity.name, 0)
-
     def check_slot(self, identity: Identity) -> None:
         """Raise :class:`RateLimited` if the identity holds its maximum of stream connections."""
         if identity.kind == "anonymous":

@@ -45,7 +45,7 @@ class RefreshingCredentials:
             credentials, _ = await asyncio.to_thread(google.auth.default, scopes=SCOPES)
         assert credentials is not None
         if hasattr(credentials, "with_non_blocking_refresh"):
-            credentials.with_non_blocking_refresh()  # type: ignore[no-untyped-call]
+            credentials.with_non_blocking_refresh()  # type: ignore[no-untyped-call]  # unannotated in google-auth
         self = cls(credentials)
         await self.refresh()
         self._task = asyncio.get_running_loop().create_task(

@@ -151,15 +151,6 @@ class Registry:
             return cast(T, instance)
         return cast(T, await self._create(self.spec(name)))
 
-    def check_loop(self, name: str) -> None:
-        """Raise :class:`ForeignLoopError` unless called on this registry's loop."""
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is not self.loop:
-            raise ForeignLoopError(name)
-
     def failure(self, name: str) -> str | None:
         """Why the last creation of ``name`` failed, while it is not created."""
         failure = self._slots[name].failure

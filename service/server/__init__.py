@@ -12,6 +12,9 @@
 * :mod:`.hypercorn_shutdown`: the stop event a Hypercorn master hands its workers, read by the
   stream connections' gate.
 
+* :mod:`.framing`: requests whose framing is ambiguous (both ``Content-Length`` and
+  ``Transfer-Encoding``: request smuggling) refused with 400 and the connection closed.
+
 Each reach into a private internal is guarded: when the installed server or Quart lacks what it
 expects, it logs a warning and leaves the server's own behaviour, and the test suite checks each
 one against the installed versions.
@@ -22,7 +25,7 @@ from __future__ import annotations
 from quart import Quart
 
 from ..config import Settings
-from . import deflate, hypercorn_close, quart_connections, request_body
+from . import deflate, framing, hypercorn_close, quart_connections, request_body
 
 
 def install(app: Quart, settings: Settings) -> None:
@@ -34,3 +37,4 @@ def install(app: Quart, settings: Settings) -> None:
     request_body.install(app)
     deflate.set_compression(settings.stream_compression)
     hypercorn_close.bound_close()
+    framing.install(app)  # the outermost wrapper: it sees every request first

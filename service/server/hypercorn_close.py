@@ -62,7 +62,7 @@ def bound_close(seconds: float = FLUSH_SECONDS) -> None:
         return original(self)
 
     setattr(__await__, _MARK, True)
-    TCPServer.__await__ = __await__  # type: ignore[method-assign]
+    TCPServer.__await__ = __await__  # type: ignore[method-assign]  # the one patch of Hypercorn here
 
 
 def _watch(loop: asyncio.AbstractEventLoop, context: Any, seconds: float) -> None:

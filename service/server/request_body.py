@@ -217,4 +217,4 @@ def _finishing(stream: RequestStream, send: ASGISendCallable) -> ASGISendCallabl
 def install(app: Quart) -> None:
     """Wrap ``app``'s ASGI callable once."""
     if not isinstance(app.asgi_app, StreamingBodies):
-        app.asgi_app = StreamingBodies(app, app.asgi_app)  # type: ignore[method-assign]
+        app.asgi_app = StreamingBodies(app, app.asgi_app)  # type: ignore[method-assign]  # ASGI middleware, as Quart documents it

@@ -367,7 +367,7 @@ class Publisher:
         try:
             await self.flush()
         finally:
-            await self._client.transport.close()  # type: ignore[no-untyped-call]
+            await self._client.transport.close()  # type: ignore[no-untyped-call]  # unannotated in the generated client
 
 
 def _ordering_error(ordering_key: str) -> BackendError:

@@ -62,7 +62,7 @@ async def create_publisher() -> Publisher:
     try:
         await _wait_ready(transport.grpc_channel)
     except BaseException:
-        await transport.close()  # type: ignore[no-untyped-call]
+        await transport.close()  # type: ignore[no-untyped-call]  # unannotated in the generated client
         raise
     return Publisher(
         client,
@@ -83,7 +83,7 @@ async def close_publisher(publisher: Publisher) -> None:
 
 
 async def check_publisher(publisher: Publisher) -> None:
-    await _wait_ready(publisher.client.transport.grpc_channel)  # type: ignore[attr-defined]
+    await _wait_ready(publisher.client.transport.grpc_channel)  # type: ignore[attr-defined]  # typed as the abstract transport
 
 
 async def create_subscriber() -> SubscriberAsyncClient:
@@ -93,17 +93,17 @@ async def create_subscriber() -> SubscriberAsyncClient:
     try:
         await _wait_ready(transport.grpc_channel)
     except BaseException:
-        await transport.close()  # type: ignore[no-untyped-call]
+        await transport.close()  # type: ignore[no-untyped-call]  # unannotated in the generated client
         raise
     return SubscriberAsyncClient(transport=transport)
 
 
 async def close_subscriber(subscriber: SubscriberAsyncClient) -> None:
-    await subscriber.transport.close()  # type: ignore[no-untyped-call]
+    await subscriber.transport.close()  # type: ignore[no-untyped-call]  # unannotated in the generated client
 
 
 async def check_subscriber(subscriber: SubscriberAsyncClient) -> None:
-    await _wait_ready(subscriber.transport.grpc_channel)  # type: ignore[attr-defined]
+    await _wait_ready(subscriber.transport.grpc_channel)  # type: ignore[attr-defined]  # typed as the abstract transport
 
 
 async def _close_credentials(credentials: RefreshingCredentials) -> None:

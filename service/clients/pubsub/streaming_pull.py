@@ -56,7 +56,7 @@ RETRY_INITIAL = 0.2
 RETRY_MAX = 5.0
 
 
-class InlineScheduler(Scheduler):  # type: ignore[misc]
+class InlineScheduler(Scheduler):  # type: ignore[misc]  # google.cloud.pubsub_v1 is untyped
     """Runs the subscriber's callback in the client's own thread, as each message is released.
 
     For a callback that only hands the message over (as :meth:`StreamingPull._callback` does), a
@@ -117,7 +117,6 @@ class StreamingPull:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self.running = asyncio.Event()
-        self.restarts = 0
 
     def start(self) -> None:
         self._task = self._loop.create_task(self._supervise(), name=f"pull {self.subscription}")
@@ -140,7 +139,6 @@ class StreamingPull:
                 if self._stopping:
                     return  # stop() ended the stream
                 await self._cancel_future()
-                self.restarts += 1
                 log.warning(
                     "streaming pull of %s stopped (%s: %s); restarting in %.1fs",
                     self.subscription,

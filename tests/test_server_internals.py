@@ -1,0 +1,45 @@
+"""The private shapes of Quart, Hypercorn and the standard library that ``service/server`` relies on.
+
+Each seam degrades to the server's own behaviour when its shape is missing; these tests fail first,
+so that an upgrade that changes a shape is noticed here rather than in production.
+"""
+
+from __future__ import annotations
+
+import inspect
+import multiprocessing
+
+from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.protocol import ws_stream
+from quart.asgi import ASGIHTTPConnection, ASGIWebsocketConnection
+from wsproto.extensions import PerMessageDeflate
+
+from service.server import quart_connections
+
+
+def test_quart_http_connection_has_what_its_replacement_calls() -> None:
+    for name in ("_create_request_from_scope", "handle_messages", "handle_request"):
+        assert callable(getattr(ASGIHTTPConnection, name, None)), name
+    assert issubclass(quart_connections.HTTPConnection, ASGIHTTPConnection)
+
+
+def test_quart_websocket_connection_keeps_its_inbox_in_queue() -> None:
+    source = inspect.getsource(ASGIWebsocketConnection)
+    assert "self.queue" in source
+    assert "self.queue.get" in source or "self.queue.put" in source
+
+
+def test_hypercorn_builds_its_websocket_extensions_from_ws_stream() -> None:
+    assert ws_stream.PerMessageDeflate is not None
+    assert "PerMessageDeflate" in inspect.getsource(ws_stream)
+    assert issubclass(ws_stream.PerMessageDeflate, PerMessageDeflate)
+
+
+def test_hypercorn_serves_each_connection_by_awaiting_its_tcp_server() -> None:
+    assert callable(getattr(TCPServer, "__await__", None))
+    assert callable(getattr(TCPServer, "run", None))
+
+
+def test_a_worker_process_keeps_its_target_keyword_arguments() -> None:
+    process = multiprocessing.Process(target=print, kwargs={"shutdown_event": None})
+    assert process._kwargs == {"shutdown_event": None}  # what Hypercorn hands its workers

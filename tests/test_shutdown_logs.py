@@ -1,0 +1,76 @@
+"""Through a real Hypercorn server: every line the service writes while it shuts down is JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import socket
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import WAIT, Server, Topic, metric_value
+
+pytestmark = [pytest.mark.server, pytest.mark.emulator]
+
+
+def websocket_handshake(path: str) -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+async def drops(session: aiohttp.ClientSession, server: Server, topic: str) -> float:
+    async with session.get(f"{server.url}/metrics") as response:
+        text = await response.text()
+    return metric_value(text, "loopgate_stream_drops_total", topic=topic, reason="dropped")
+
+
+async def test_sigterm_with_a_subscriber_that_reads_nothing_logs_only_json(
+    start_server: Any, topic: Topic
+) -> None:
+    # The subscriber's connection is still writing when Hypercorn cancels it at the graceful
+    # timeout; the cancelled connection used to end in the event loop's own plain-text traceback.
+    server = await start_server(
+        {"LOOPGATE_STREAM_QUEUE_SIZE": "100", "LOOPGATE_LOG_LEVEL": "DEBUG"},
+        args=["--graceful-timeout", "2"],
+    )
+    subscriber = socket.socket()
+    subscriber.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    subscriber.setblocking(False)
+    try:
+        await asyncio.wait_for(
+            asyncio.get_running_loop().sock_connect(subscriber, ("127.0.0.1", server.port)), WAIT
+        )
+        path = f"/v1/topics/{topic.name}/stream"
+        await asyncio.get_running_loop().sock_sendall(subscriber, websocket_handshake(path))
+        # and never reads
+        data = base64.b64encode(b"x" * 64 * 1024).decode()
+        body = {"messages": [{"data": data}] * 8}
+        url = f"{server.url}/v1/topics/{topic.name}:publish"
+        async with aiohttp.ClientSession() as session:
+            async with asyncio.timeout(WAIT):
+                while await drops(session, server, topic.name) < 100:
+                    async with session.post(url, json=body) as response:
+                        assert response.status == 200, await response.text()
+        server.process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(server.process.wait, WAIT)
+    finally:
+        subscriber.close()
+    log = server.log()
+    assert code == 0, log
+    assert "reset" in log  # the connection was cut while it was still writing
+    entries = []
+    for line in log.splitlines():
+        if line.strip():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                raise AssertionError(f"not a JSON line: {line!r}\n{log}") from None
+    # What the loop reports about the cancelled connection is expected noise, not an error.
+    assert not [e for e in entries if e["logger"] == "loopgate.loop" and e["level"] == "ERROR"]
