@@ -12,13 +12,8 @@ from google.api_core import exceptions as gexc
 
 from service import Registry
 from service.clients import PUBLISHER, builtin_clients
-from service.clients.pubsub.publisher import (
-    RAW_MESSAGE,
-    RAW_REQUEST,
-    OutgoingMessage,
-    Publisher,
-    wire_size,
-)
+from service.clients.pubsub.messages import RAW_MESSAGE, RAW_REQUEST, OutgoingMessage, wire_size
+from service.clients.pubsub.publisher import Publisher
 from service.errors import BackendError, PermissionDenied, PublisherOverloaded, TopicNotFound
 from service.loopclients import ForeignLoopError
 

@@ -13,7 +13,7 @@ import aiohttp
 from google.pubsub_v1 import SubscriberAsyncClient
 
 from ..loopclients import ClientSpec
-from .http import HTTP
+from .http_session import HTTP
 from .pubsub.publisher import Publisher
 from .pubsub.specs import CREDENTIALS, PUBLISHER, SUBSCRIBER
 from .storage.client import STORAGE, StorageClient

@@ -25,7 +25,7 @@ from .. import metrics
 from ..auth.access import requires
 from ..auth.limits import publish_limited
 from ..clients import get_publisher
-from ..clients.pubsub.publisher import OutgoingMessage
+from ..clients.pubsub.messages import OutgoingMessage
 from ..config import current_settings
 from ..errors import (
     ErrorResponse,

@@ -27,51 +27,20 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.api_core.retry import AsyncRetry, if_exception_type
 from google.pubsub_v1 import PublisherAsyncClient
-from google.pubsub_v1.types import PublishRequest, PublishResponse, PubsubMessage
+from google.pubsub_v1.types import PublishRequest
 
 from ... import metrics
 from ...errors import BackendError, PublisherOverloaded, Unavailable
 from ...loopclients import ForeignLoopError
 from .errors import translate
+from .messages import RAW_REQUEST, RAW_RESPONSE_OF, OutgoingMessage, wire_size
 
 log = logging.getLogger("loopgate.publisher")
-
-RAW_MESSAGE: Any = PubsubMessage.pb()
-RAW_REQUEST: Any = PublishRequest.pb()
-RAW_RESPONSE_OF: Any = PublishResponse.pb  # the protobuf inside a proto-plus response
-
-
-class OutgoingMessage(NamedTuple):
-    """A message to publish. A raw ``PubsubMessage`` protobuf has the same three fields and is
-    accepted too."""
-
-    data: bytes
-    attributes: dict[str, str] | None = None
-    ordering_key: str = ""
-
-
-def wire_size(message: Any) -> int:
-    """A bound on the bytes ``message`` takes in a publish request (tags and lengths counted at
-    their largest)."""
-    size = len(message.data) + 12
-    attributes = message.attributes
-    if attributes:
-        for key, value in attributes.items():
-            size += _utf8_len(key) + _utf8_len(value) + 18
-    key = message.ordering_key
-    if key:
-        size += _utf8_len(key) + 6
-    return size
-
-
-def _utf8_len(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode())
-
 
 TRANSIENT = (
     gexc.ServiceUnavailable,

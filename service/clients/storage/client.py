@@ -39,7 +39,7 @@ from gcloud.aio.storage import Storage
 from ...config import Settings, current_settings
 from ...errors import NotFound
 from ...loopclients import ClientSpec
-from ..http import HTTP
+from ..http_session import HTTP
 from .errors import BodyError, raise_for_status, translate
 
 SCOPES = ["https://www.googleapis.com/auth/devstorage.read_write"]
