@@ -45,6 +45,12 @@ def _fanout_subscriptions(admin: PubSubAdmin, hub: Hub, topic: str) -> list[str]
     ]
 
 
+def _subscription_of(hub: Hub, topic: str) -> str:
+    feed = hub.feed(topic)
+    assert feed is not None
+    return feed.subscription
+
+
 def _publish(admin: PubSubAdmin, topic: str, count: int, prefix: str = "m") -> list[str]:
     path = admin.publisher.topic_path(PROJECT, topic)
     futures = [admin.publisher.publish(path, f"{prefix}{i}".encode()) for i in range(count)]
@@ -103,7 +109,9 @@ async def test_one_subscription_shared_then_deleted_after_grace(
     hub = await _hub(app)
     async with hub.subscribe(topic.name) as first, hub.subscribe(topic.name) as second:
         names = _fanout_subscriptions(admin, hub, topic.name)
-        assert names == [hub.subscriptions.path(topic.name)]
+        feed = hub.feed(topic.name)
+        assert feed is not None
+        assert names == [feed.subscription]
         sub = admin.subscriber.get_subscription(request={"subscription": names[0]})
         assert sub.labels["loopgate"] == "fanout"
         assert sub.labels["pid"] == str(os.getpid())
@@ -138,6 +146,24 @@ async def test_subscriber_during_grace_keeps_the_subscription(
         assert await _collect(listener, 3) == ids
 
 
+@pytest.mark.parametrize("moment", ["while it is retired", "after it was retired"])
+async def test_a_topic_joined_again_as_its_feed_is_retired_loses_nothing(
+    app: Quart, admin: PubSubAdmin, topic: Topic, moment: str
+) -> None:
+    hub = await _hub(app)
+    async with hub.subscribe(topic.name) as listener:
+        warm = _publish(admin, topic.name, 5, prefix="warm")
+        assert await _collect(listener, 5) == warm
+    async with asyncio.timeout(WAIT):
+        while hub.feed(topic.name) is not None:  # the grace period is over: retiring begins
+            await asyncio.sleep(0.01)
+        while moment == "after it was retired" and _fanout_subscriptions(admin, hub, topic.name):
+            await asyncio.sleep(0.05)
+    async with hub.subscribe(topic.name) as listener:
+        ids = _publish(admin, topic.name, 300)
+        assert sorted(await _collect(listener, 300)) == sorted(ids)
+
+
 async def test_missing_topic_raises(app: Quart) -> None:
     hub = await _hub(app)
     with pytest.raises(TopicNotFound):
@@ -153,7 +179,7 @@ async def test_stream_resumes_after_its_subscription_is_deleted(
         first = _publish(admin, topic.name, 1)
         assert await _collect(listener, 1) == first
         admin.subscriber.delete_subscription(
-            request={"subscription": hub.subscriptions.path(topic.name)}
+            request={"subscription": _subscription_of(hub, topic.name)}
         )
         # Pub/Sub keeps nothing for a subscription that does not exist: publish until the
         # recreated subscription delivers again.

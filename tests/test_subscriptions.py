@@ -25,13 +25,13 @@ def _subscription(name: str, topic: str = "projects/p/topics/t") -> Subscription
     return Subscription(name=f"projects/{PROJECT}/subscriptions/{name}", topic=topic)
 
 
-def test_the_name_tells_host_process_and_topic() -> None:
+def test_the_name_tells_host_process_and_topic_and_is_new_for_every_feed() -> None:
     subs = _subscriptions()
-    path = subs.path("orders")
-    assert path == (
-        f"projects/{PROJECT}/subscriptions/lg-fanout.{subs.host}.{os.getpid()}.{subs.token}.orders"
-    )
-    assert not subs.is_leftover(_subscription(path.rsplit("/", 1)[1]))  # this hub's own
+    first, second = subs.path("orders"), subs.path("orders")
+    stem = f"projects/{PROJECT}/subscriptions/lg-fanout.{subs.host}.{os.getpid()}.{subs.token}"
+    assert (first, second) == (f"{stem}-1.orders", f"{stem}-2.orders")
+    for path in (first, second):
+        assert not subs.is_leftover(_subscription(path.rsplit("/", 1)[1]))  # this hub's own
 
 
 @pytest.mark.parametrize(

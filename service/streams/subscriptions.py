@@ -49,10 +49,17 @@ class FanoutSubscriptions:
         self.pid = os.getpid()
         self.token = secrets.token_hex(3)  # tells this worker from an earlier one with its pid
         self.prefix = f"{settings.fanout_prefix}-fanout."
+        self._made = 0
 
     def path(self, topic: str) -> str:
-        """The path of this worker's subscription to ``topic``."""
-        name = f"{self.prefix}{self.host}.{self.pid}.{self.token}.{topic[:150]}"
+        """A new path for a subscription of this worker to ``topic``.
+
+        Every feed gets a name of its own (``<token>-<n>``): a topic joined again while its
+        previous feed is still being retired must not share that feed's subscription, which the
+        retirement deletes (and whose cancelled stream Pub/Sub may still hand messages to).
+        """
+        self._made += 1
+        name = f"{self.prefix}{self.host}.{self.pid}.{self.token}-{self._made}.{topic[:150]}"
         return f"projects/{self.settings.project}/subscriptions/{name}"
 
     async def create(self, feed: Feed, *, again: bool = False) -> None:
@@ -133,7 +140,7 @@ class FanoutSubscriptions:
         parts = name[len(self.prefix) :].split(".", 3)
         if len(parts) < 4 or parts[0] != self.host or not parts[1].isdigit():
             return False
-        pid, token = int(parts[1]), parts[2]
+        pid, token = int(parts[1]), parts[2].partition("-")[0]
         if pid == self.pid:
             return token != self.token
         return not _alive(pid)
