@@ -22,8 +22,10 @@ event; those published while it was away are not replayed (Pub/Sub keeps no per-
 
 ``GET /v1/subscriptions/{subscription}/stream`` (websocket, queue mode): the messages of an existing
 subscription (allowed by ``LOOPGATE_SUBSCRIPTIONS``), each frame a ``message`` with an ``ackId``.
-The client answers ``{"ack": [ackId, ...]}`` or ``{"nack": [ackId, ...]}``; unknown ids are answered
-with ``{"type": "error", ...}``. See :mod:`service.streams.queue_mode`.
+The client answers ``{"ack": [ackId, ...]}`` or ``{"nack": [ackId, ...]}``; unknown ids and frames
+that are not settlements are answered with ``{"type": "error", ...}`` (bounded for a client that does
+not read them), and a failure to read the client's frames closes with 1011. See
+:mod:`service.streams.queue_mode`.
 
 Errors before the stream starts are answered as HTTP errors: 400 bad name, 404 topic/subscription
 not served or missing, 503 (``Retry-After``) when Pub/Sub is down, at the connection limit
@@ -194,39 +196,6 @@ def check_subscription(subscription: str) -> str:
     return f"projects/{settings.project}/subscriptions/{subscription}"
 
 
-async def _read_settlements(consumer: QueueConsumer) -> None:
-    while True:
-        raw = await websocket.receive()
-        try:
-            body = json.loads(raw)
-            if not isinstance(body, dict) or not set(body) <= {"ack", "nack"} or not body:
-                raise ValueError
-            for key in ("ack", "nack"):
-                ids = body.get(key, [])
-                if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-                    raise ValueError
-                unknown = consumer.settle(ids, ack=key == "ack")
-                if unknown:
-                    consumer.notify(
-                        json.dumps(
-                            {
-                                "type": "error",
-                                "message": f"{key}: unknown ackIds",
-                                "ackIds": unknown,
-                            }
-                        )
-                    )
-        except ValueError:
-            consumer.notify(
-                json.dumps(
-                    {
-                        "type": "error",
-                        "message": 'expected {"ack": [ackId, ...]} or {"nack": [...]}',
-                    }
-                )
-            )
-
-
 @blueprint.websocket("/v1/subscriptions/<subscription>/stream")
 @requires("subscribe", "subscription")
 async def subscription_stream(subscription: str) -> None:
@@ -249,7 +218,7 @@ async def subscription_stream(subscription: str) -> None:
                 await websocket.accept()
                 await websocket.send(_subscribed(subscription=subscription))
                 consumer.start()
-                reader = asyncio.ensure_future(_read_settlements(consumer))
+                reader = asyncio.ensure_future(consumer.read_settlements(websocket.receive))
                 while True:
                     try:
                         texts = await consumer.get()
