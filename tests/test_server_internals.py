@@ -35,6 +35,13 @@ def test_hypercorn_builds_its_websocket_extensions_from_ws_stream() -> None:
     assert issubclass(ws_stream.PerMessageDeflate, PerMessageDeflate)
 
 
+def test_hypercorn_gathers_websocket_messages_in_its_buffer_class() -> None:
+    buffer = ws_stream.WebsocketBuffer(max_length=1)
+    assert (buffer.length, buffer.max_length, buffer.value) == (0, 1, None)
+    assert issubclass(ws_stream.FrameTooLargeError, Exception)
+    assert "self.buffer.extend(event)" in inspect.getsource(ws_stream.WSStream)
+
+
 def test_hypercorn_serves_each_connection_by_awaiting_its_tcp_server() -> None:
     assert callable(getattr(TCPServer, "__await__", None))
     assert callable(getattr(TCPServer, "run", None))

@@ -9,6 +9,8 @@
 * :mod:`.deflate`: websocket compression declined unless enabled (Hypercorn);
 * :mod:`.hypercorn_close`: at shutdown, connections whose clients read nothing are reset, so a
   worker always exits (Hypercorn);
+* :mod:`.websocket_limit`: a websocket message over the size limit stops being buffered once it
+  has been refused (Hypercorn);
 * :mod:`.hypercorn_shutdown`: the stop event a Hypercorn master hands its workers, read by the
   stream connections' gate.
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 from quart import Quart
 
 from ..config import Settings
-from . import deflate, framing, hypercorn_close, quart_connections, request_body
+from . import deflate, framing, hypercorn_close, quart_connections, request_body, websocket_limit
 
 
 def install(app: Quart, settings: Settings) -> None:
@@ -37,4 +39,5 @@ def install(app: Quart, settings: Settings) -> None:
     request_body.install(app)
     deflate.set_compression(settings.stream_compression)
     hypercorn_close.bound_close()
+    websocket_limit.keep_limit()
     framing.install(app)  # the outermost wrapper: it sees every request first
