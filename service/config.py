@@ -40,6 +40,25 @@ class Settings(BaseSettings):
     client_close_timeout: float = Field(default=10.0, gt=0)
     backoff_initial: float = Field(default=0.5, gt=0)
     backoff_max: float = Field(default=30.0, gt=0)
+    # Readiness (service/routes/health.py): what /readyz asks of the backends, and how often.
+    ready_timeout: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds a readiness check's backend call (Pub/Sub, Cloud Storage) may take "
+        "before /readyz reports the client down.",
+    )
+    ready_interval: float = Field(
+        default=2.0,
+        ge=0,
+        description="Seconds a readiness check's outcome is reused: each client's backend is "
+        "called at most once per interval per worker, however often /readyz is asked.",
+    )
+    ready_publish_stall: float = Field(
+        default=5.0,
+        gt=0,
+        description="A publish call waiting longer than this for Pub/Sub makes /readyz report the "
+        "publisher down.",
+    )
 
     publish_max_messages: int = Field(default=1000, ge=1, le=1000)
     publish_max_bytes: int = Field(default=4_000_000, ge=1024, le=10_000_000)

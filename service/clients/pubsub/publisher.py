@@ -114,6 +114,7 @@ class Publisher:
         self._key_tails: dict[tuple[str, str], asyncio.Future[bool]] = {}
         self._in_flight: set[asyncio.Task[bool]] = set()
         self._busy: dict[tuple[str, str], int] = {}  # batches in flight per (topic, key)
+        self._calls: dict[int, float] = {}  # id(batch) -> when its publish call began, oldest first
         self._pending_messages = 0
         self._pending_bytes = 0
         self._closed = False
@@ -133,6 +134,13 @@ class Publisher:
     @property
     def pending_messages(self) -> int:
         return self._pending_messages
+
+    def oldest_call_age(self) -> float:
+        """Seconds the oldest publish call in flight has waited for Pub/Sub (retries included);
+        0 when no call is in flight."""
+        for started in self._calls.values():  # in insertion order: the first began first
+            return time.monotonic() - started
+        return 0.0
 
     async def publish(self, topic: str, messages: Sequence[OutgoingMessage]) -> list[str]:
         """Publish ``messages`` to ``topic`` (a full path).
@@ -289,6 +297,7 @@ class Publisher:
                 await asyncio.wait([previous])
                 if previous.cancelled() or not previous.result():
                     raise _ordering_error(batch.ordering_key)
+            self._calls[id(batch)] = time.monotonic()
             try:
                 response = await self._client.publish(
                     request=PublishRequest.wrap(batch.request),
@@ -301,6 +310,8 @@ class Publisher:
                 raise translate(
                     exc, topic=batch.topic, operation="publish", timeout=self._settings.timeout
                 ) from exc
+            finally:
+                del self._calls[id(batch)]
             ids = list(RAW_RESPONSE_OF(response).message_ids)
             if len(ids) != batch.count:
                 raise BackendError("pubsub", "publish answered a wrong number of message ids")

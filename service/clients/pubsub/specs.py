@@ -2,14 +2,32 @@
 
 Both use the loop's own gRPC channel; ``PUBSUB_EMULATOR_HOST`` switches them to an insecure channel
 to the emulator.
+
+Readiness (the ``check`` of each spec, run by ``/readyz``): a channel's connectivity state says
+nothing about a backend that accepts connections but does not answer (a hung process, a black-holed
+connection): the channel stays ``READY`` while every call hangs. So each check makes one cheap real
+call on the client's own channel, with a deadline of ``LOOPGATE_READY_TIMEOUT`` and no retries:
+``ListTopics`` for the publisher, ``ListSubscriptions`` for the subscriber, both with a page size of
+one and needing only the project (no topic has to be configured). They are admin operations, limited
+per minute per project; ``/readyz`` reuses a check's outcome for ``LOOPGATE_READY_INTERVAL`` (see
+``routes/health.py``), so a worker makes at most one of each per interval, whatever the probe rate.
+An answer that refuses the call itself still proves Pub/Sub answers: ``PERMISSION_DENIED`` (a
+service account with ``roles/pubsub.publisher`` alone may not list) and ``RESOURCE_EXHAUSTED`` (the
+admin quota, which publishes do not use) count as ready.
+
+The publisher adds its own evidence, which costs no call: a publish call that has waited for Pub/Sub
+longer than ``LOOPGATE_READY_PUBLISH_STALL`` (retries included) makes it not ready, even while admin
+calls are answered.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.api_core import exceptions as gexc
 from google.pubsub_v1 import PublisherAsyncClient, SubscriberAsyncClient
 from google.pubsub_v1.services.publisher.transports.grpc_asyncio import (
     PublisherGrpcAsyncIOTransport,
@@ -18,9 +36,11 @@ from google.pubsub_v1.services.subscriber.transports.grpc_asyncio import (
     SubscriberGrpcAsyncIOTransport,
 )
 
-from ...config import current_settings
+from ...config import Settings, current_settings
+from ...errors import BackendError
 from ...loopclients import ClientSpec
 from ..credentials import RefreshingCredentials
+from .errors import BACKEND, translate
 from .publisher import BatchSettings, Publisher
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -33,6 +53,8 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
 DEFAULT_ENDPOINT = "pubsub.googleapis.com:443"
+# Refusals of a readiness call that still prove Pub/Sub answers, and that publishes do not share.
+ANSWERED = (gexc.PermissionDenied, gexc.ResourceExhausted)
 
 
 def emulator_host() -> str | None:
@@ -82,8 +104,39 @@ async def close_publisher(publisher: Publisher) -> None:
     await publisher.aclose()
 
 
+async def _answers(call: Callable[..., Awaitable[object]], name: str, settings: Settings) -> None:
+    """Make one readiness call (``name``, for messages): first page, page size one, no retries.
+
+    Raises:
+        BackendError: Pub/Sub did not answer within ``ready_timeout``, or answered an error.
+    """
+    timeout = settings.ready_timeout
+    try:
+        await call(
+            request={"project": f"projects/{settings.project}", "page_size": 1},
+            retry=None,
+            timeout=timeout,
+        )
+    except ANSWERED:
+        return
+    except gexc.DeadlineExceeded as exc:
+        raise BackendError(BACKEND, f"{name} was not answered within {timeout:g}s") from exc
+    except gexc.GoogleAPICallError as exc:
+        raise translate(exc, operation=name) from exc
+
+
 async def check_publisher(publisher: Publisher) -> None:
-    await _wait_ready(publisher.client.transport.grpc_channel)  # type: ignore[attr-defined]  # typed as the abstract transport
+    """Ready when no publish call has waited longer than ``ready_publish_stall`` and Pub/Sub
+    answers a ``ListTopics`` on the publisher's channel."""
+    settings = current_settings()
+    waited = publisher.oldest_call_age()
+    if waited > settings.ready_publish_stall:
+        raise BackendError(
+            BACKEND,
+            f"a publish call has waited {waited:.1f}s for an answer "
+            f"(LOOPGATE_READY_PUBLISH_STALL is {settings.ready_publish_stall:g}s)",
+        )
+    await _answers(publisher.client.list_topics, "ListTopics", settings)
 
 
 async def create_subscriber() -> SubscriberAsyncClient:
@@ -103,7 +156,8 @@ async def close_subscriber(subscriber: SubscriberAsyncClient) -> None:
 
 
 async def check_subscriber(subscriber: SubscriberAsyncClient) -> None:
-    await _wait_ready(subscriber.transport.grpc_channel)  # type: ignore[attr-defined]  # typed as the abstract transport
+    """Ready when Pub/Sub answers a ``ListSubscriptions`` on the subscriber's channel."""
+    await _answers(subscriber.list_subscriptions, "ListSubscriptions", current_settings())
 
 
 async def _close_credentials(credentials: RefreshingCredentials) -> None:

@@ -250,15 +250,25 @@ class StorageClient:
         total = sent + len(piece)
         return await self._put(session_uri, io.BytesIO(piece), sent, len(piece), total)
 
-    async def check(self, buckets: tuple[str, ...], project: str) -> None:
-        """Readiness: the first allowed bucket answers (or, with '*' alone, the bucket list)."""
+    async def check(self, buckets: tuple[str, ...], project: str, *, timeout: float) -> None:
+        """Readiness: the first allowed bucket answers (or, with '*' alone, the bucket list).
+
+        Every wait of the call (a free connection of the pool, the connection, each read) is bounded
+        by ``timeout``, so a backend that accepts connections but does not answer is noticed.
+
+        Raises:
+            Unavailable: no connection or no answer in time (as :func:`translate` maps them).
+        """
         named = [bucket for bucket in buckets if bucket != "*"]
+        bounded = aiohttp.ClientTimeout(
+            total=None, connect=timeout, sock_connect=timeout, sock_read=timeout
+        )
         with translate(named[0] if named else None, None):
             if named:
-                await self.storage.get_bucket_metadata(named[0], timeout=self._aio_timeout)
+                await self.storage.get_bucket_metadata(named[0], timeout=cast(int, bounded))
             elif buckets:
                 await self.storage.list_buckets(
-                    project, params={"maxResults": "1"}, timeout=self._aio_timeout
+                    project, params={"maxResults": "1"}, timeout=cast(int, bounded)
                 )
 
 
@@ -290,7 +300,7 @@ async def close_storage(client: StorageClient) -> None:
 
 async def check_storage(client: StorageClient) -> None:
     settings = current_settings()
-    await client.check(settings.buckets, settings.project)
+    await client.check(settings.buckets, settings.project, timeout=settings.ready_timeout)
 
 
 STORAGE: ClientSpec[StorageClient] = ClientSpec(
