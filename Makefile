@@ -1,12 +1,13 @@
 # make run  - set up, start the emulators and the service on http://127.0.0.1:8080
 # make test - set up and run the whole test suite (it starts its own emulators)
 # make lint - ruff (lint and format) and mypy --strict
+# make test-py313 - the whole suite under Python 3.13 (a Debian 13 root; needs root)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-py313 lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The whole suite under Python 3.13, in a Debian 13 root built once with debootstrap (needs root;
+# cached in /var/cache/loopgate/py313-root, outside the repository).
+test-py313:
+	bash .ci/py313.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check service tests bench devtools

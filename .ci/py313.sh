@@ -392,7 +392,7 @@ fi
 
 # The environment inside: a clean one, with the host's pip and proxy settings.
 inside_env=(PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/root LANG=C.UTF-8
-    "TERM=${TERM:-dumb}" "CONSTRAINTS=$constraints")
+    "TERM=${TERM:-dumb}" "PY313_CONSTRAINTS=$constraints" "PY313_FREEZE=$ROOT/work/py313-freeze.txt")
 for var in $(compgen -e | grep -E '^(PIP_|CI$|PYTEST_ADDOPTS$|(http|https|no|all)_proxy$|(HTTP|HTTPS|NO|ALL)_PROXY$)' || true); do
     inside_env+=("$var=${!var}")
 done
@@ -404,8 +404,14 @@ chroot "$ROOT" /usr/bin/env -i "${inside_env[@]}" /bin/bash -euo pipefail -c '
     python3 -m venv .venv
     . .venv/bin/activate
     echo "[py313] installing .[dev] with $(python --version)" >&2
-    pip install --quiet --upgrade pip
-    pip install --quiet -e ".[dev]" ${CONSTRAINTS:+-c "$CONSTRAINTS"}
+    # pip warns about each local index that lacks a project; those warnings are left out.
+    quiet_pip() {
+        pip "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+    }
+    quiet_pip install --quiet --upgrade pip
+    started=$SECONDS
+    quiet_pip install --quiet -e ".[dev]" ${PY313_CONSTRAINTS:+-c "$PY313_CONSTRAINTS"}
+    echo "[py313] installed in $((SECONDS - started))s" >&2
     pip freeze --exclude-editable >/work/py313-freeze.txt
     python - <<"EOF"
 import importlib.metadata as metadata
@@ -421,7 +427,7 @@ for name in ("quart", "quart-schema", "pydantic", "pydantic-core", "typing-exten
         print(f"  {name}: not installed")
 sys.stdout.flush()
 EOF
-    echo "[py313] full pip freeze: /work/py313-freeze.txt inside the root" >&2
+    echo "[py313] every installed version: $PY313_FREEZE" >&2
     exec python -m pytest "$@"
 ' py313 "$WORKDIR" "$@" 9>&-
 status=$?

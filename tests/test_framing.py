@@ -154,6 +154,7 @@ async def test_a_request_hidden_behind_conflicting_framing_is_not_served(
         after = await after_response(reader)  # the hidden request's answer, if it is served
     finally:
         writer.close()
+        await writer.wait_closed()
     assert after == b"", after  # the connection was closed, and nothing more was answered
     assert status == 400
     assert headers["connection"] == "close"
@@ -173,6 +174,7 @@ async def test_pipelined_requests_with_clear_framing_are_all_served(start_server
         second, _, _ = await read_response(reader)
     finally:
         writer.close()
+        await writer.wait_closed()
     assert (first, second) == (405, 404)  # /healthz takes no POST; /smuggled-path is not a route
 
 
@@ -185,6 +187,7 @@ async def test_http10_request_with_transfer_encoding_is_refused(start_server: An
         after = await after_response(reader)
     finally:
         writer.close()
+        await writer.wait_closed()
     assert status == 400 and "HTTP/1.0" in json.loads(body)["error"]["message"]
     assert after == b""
 
@@ -216,5 +219,6 @@ async def test_a_refused_request_with_a_large_body_still_has_its_connection_clos
     finally:
         sending.cancel()
         writer.close()
+        await writer.wait_closed()
     assert status == 400 and headers["connection"] == "close"
     assert after == b""

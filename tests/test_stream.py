@@ -170,6 +170,8 @@ async def test_slow_consumer_per_policy_while_fast_ones_get_everything(
             assert len(slow_got.ids) < count
         # Every message was either delivered or counted as dropped: the slow reader's backlog was
         # cut at its queue bound instead of growing.
+        await fast.close()
+        await slow.close()
 
 
 async def test_queue_mode_redelivers_nacked_and_abandoned_messages(
@@ -327,6 +329,7 @@ async def test_sigterm_ends_a_worker_whose_subscriber_reads_nothing(
                 await asyncio.sleep(0.05)
         assert subscriber.close_code is None  # still connected, taking nothing
         assert await asyncio.to_thread(server.stop) == 0
+        await subscriber.close()
     assert "reset" in server.log()
 
 

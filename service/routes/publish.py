@@ -11,6 +11,7 @@ import asyncio
 import binascii
 import json
 import re
+import sys
 from binascii import a2b_base64
 from collections.abc import Awaitable, Callable
 from typing import Annotated, NotRequired
@@ -18,7 +19,6 @@ from typing import Annotated, NotRequired
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, with_config
 from quart import Blueprint, Response, request
 from quart_schema import document_request, document_response
-from typing_extensions import TypedDict  # pydantic reads typing's only from Python 3.12
 from werkzeug.exceptions import RequestTimeout
 
 from .. import metrics
@@ -35,6 +35,14 @@ from ..errors import (
     TopicNotFound,
     describe_validation_error,
 )
+
+# pydantic reads typing's TypedDict only from Python 3.12, and quart-schema recognises only
+# typing's from 3.12 on (it checks with typing.is_typeddict there): each version gets the one
+# both read.
+if sys.version_info >= (3, 12):
+    from typing import TypedDict
+else:
+    from typing_extensions import TypedDict
 
 blueprint = Blueprint("publish", __name__)
 
