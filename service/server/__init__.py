@@ -9,6 +9,7 @@
 * :mod:`.deflate`: websocket compression declined unless enabled (Hypercorn);
 * :mod:`.hypercorn_close`: at shutdown, connections whose clients read nothing are reset, so a
   worker always exits (Hypercorn);
+* :mod:`.half_close`: an idle connection closed at once when its client closes it (Hypercorn);
 * :mod:`.hypercorn_shutdown`: the stop event a Hypercorn master hands its workers, read by the
   stream connections' gate.
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 from quart import Quart
 
 from ..config import Settings
-from . import deflate, framing, hypercorn_close, quart_connections, request_body
+from . import deflate, framing, half_close, hypercorn_close, quart_connections, request_body
 
 
 def install(app: Quart, settings: Settings) -> None:
@@ -37,4 +38,5 @@ def install(app: Quart, settings: Settings) -> None:
     request_body.install(app)
     deflate.set_compression(settings.stream_compression)
     hypercorn_close.bound_close()
+    half_close.close_when_read_ends()
     framing.install(app)  # the outermost wrapper: it sees every request first
