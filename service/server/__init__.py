@@ -11,6 +11,7 @@
   worker always exits (Hypercorn);
 * :mod:`.websocket_limit`: a websocket message over the size limit stops being buffered once it
   has been refused (Hypercorn);
+* :mod:`.half_close`: an idle connection closed at once when its client closes it (Hypercorn);
 * :mod:`.hypercorn_shutdown`: the stop event a Hypercorn master hands its workers, read by the
   stream connections' gate.
 
@@ -27,7 +28,15 @@ from __future__ import annotations
 from quart import Quart
 
 from ..config import Settings
-from . import deflate, framing, hypercorn_close, quart_connections, request_body, websocket_limit
+from . import (
+    deflate,
+    framing,
+    half_close,
+    hypercorn_close,
+    quart_connections,
+    request_body,
+    websocket_limit,
+)
 
 
 def install(app: Quart, settings: Settings) -> None:
@@ -40,4 +49,5 @@ def install(app: Quart, settings: Settings) -> None:
     deflate.set_compression(settings.stream_compression)
     hypercorn_close.bound_close()
     websocket_limit.keep_limit()
+    half_close.close_when_read_ends()
     framing.install(app)  # the outermost wrapper: it sees every request first
