@@ -26,8 +26,6 @@ import functools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.api_core.retry import AsyncRetry, if_exception_type
@@ -37,8 +35,9 @@ from google.pubsub_v1.types import PublishRequest
 from ... import metrics
 from ...errors import BackendError, PublisherOverloaded, Unavailable
 from ...loopclients import ForeignLoopError
+from .batches import Batch, BatchSettings, Request
 from .errors import translate
-from .messages import RAW_REQUEST, RAW_RESPONSE_OF, OutgoingMessage, wire_size
+from .messages import RAW_RESPONSE_OF, OutgoingMessage, wire_size
 
 log = logging.getLogger("loopgate.publisher")
 
@@ -52,57 +51,6 @@ TRANSIENT = (
 )
 
 
-@dataclass(frozen=True)
-class BatchSettings:
-    max_messages: int = 1000
-    max_bytes: int = 4_000_000
-    max_latency: float = 0.005
-    max_in_flight: int = 1
-    timeout: float = 30.0
-    max_pending_messages: int = 100_000
-    max_pending_bytes: int = 128 * 1024 * 1024
-
-
-class _Request:
-    """One caller's messages: answered when all of them have ids, or at the first failure."""
-
-    __slots__ = ("future", "ids", "remaining")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
-        self.future: asyncio.Future[list[str]] = loop.create_future()
-        self.ids: list[str] = [""] * count
-        self.remaining = count
-
-    def resolve(self, start: int, message_ids: Sequence[str]) -> None:
-        """Take the ids of this caller's messages ``start``, ``start + 1``, ..."""
-        self.ids[start : start + len(message_ids)] = message_ids
-        self.remaining -= len(message_ids)
-        if self.remaining == 0 and not self.future.done():
-            self.future.set_result(self.ids)
-
-    def fail(self, error: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
-
-
-@dataclass
-class _Batch:
-    """One publish call being gathered: messages go straight into its request, so they are
-    built once, not built by the caller and copied into the request."""
-
-    topic: str
-    ordering_key: str
-    request: Any = None  # a raw PublishRequest protobuf
-    count: int = 0
-    # (caller, index of its first message, count): each caller's run of messages in this batch
-    owners: list[tuple[_Request, int, int]] = field(default_factory=list)
-    size: int = 0
-    timer: asyncio.Handle | None = None
-
-    def __post_init__(self) -> None:
-        self.request = RAW_REQUEST(topic=self.topic)
-
-
 class Publisher:
     """Batches publishes of one event loop onto one ``PublisherAsyncClient``."""
 
@@ -110,7 +58,7 @@ class Publisher:
         self._client = client
         self._settings = settings
         self._loop = asyncio.get_running_loop()
-        self._open: dict[tuple[str, str], _Batch] = {}
+        self._open: dict[tuple[str, str], Batch] = {}
         self._key_tails: dict[tuple[str, str], asyncio.Future[bool]] = {}
         self._in_flight: set[asyncio.Task[bool]] = set()
         self._busy: dict[tuple[str, str], int] = {}  # batches in flight per (topic, key)
@@ -171,7 +119,7 @@ class Publisher:
         self._pending_messages += len(messages)
         self._pending_bytes += total
         metrics.PUBLISH_PENDING.inc(len(messages))
-        request = _Request(self._loop, len(messages))
+        request = Request(self._loop, len(messages))
         start = 0
         while start < len(messages):
             start = self._add(topic, messages, sizes, request, start)
@@ -185,7 +133,7 @@ class Publisher:
         topic: str,
         messages: Sequence[OutgoingMessage],
         sizes: list[int],
-        request: _Request,
+        request: Request,
         start: int,
     ) -> int:
         """Add the run of ``messages`` from ``start`` that goes into one batch; returns its end.
@@ -202,7 +150,7 @@ class Publisher:
             self._seal(key)
             batch = None
         if batch is None:
-            batch = _Batch(topic, ordering_key)
+            batch = Batch(topic, ordering_key)
             self._open[key] = batch
             if not self._busy.get(key) or settings.max_latency == 0:
                 # Nothing of this key in flight: send at the next loop turn, together with
@@ -281,7 +229,7 @@ class Publisher:
             owner.fail(error)
         self._release(batch)
 
-    def _release(self, batch: _Batch) -> None:
+    def _release(self, batch: Batch) -> None:
         self._pending_messages -= batch.count
         self._pending_bytes -= batch.size
         metrics.PUBLISH_PENDING.dec(batch.count)
@@ -290,7 +238,7 @@ class Publisher:
         if self._key_tails.get(key) is task:
             del self._key_tails[key]
 
-    async def _send(self, batch: _Batch, previous: asyncio.Future[bool] | None) -> bool:
+    async def _send(self, batch: Batch, previous: asyncio.Future[bool] | None) -> bool:
         """Publish one batch and answer its owners; ``False`` when it failed."""
         try:
             if previous is not None:

@@ -40,8 +40,9 @@ from ...config import Settings, current_settings
 from ...errors import BackendError
 from ...loopclients import ClientSpec
 from ..credentials import RefreshingCredentials
+from .batches import BatchSettings
 from .errors import BACKEND, translate
-from .publisher import BatchSettings, Publisher
+from .publisher import Publisher
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", -1),
