@@ -13,8 +13,13 @@ from __future__ import annotations
 import contextvars
 from typing import TYPE_CHECKING
 
+from quart import current_app, has_app_context
+
 if TYPE_CHECKING:
+    from .extension import LoopClients
     from .registry import Registry
+
+EXTENSION_KEY = "loopclients"  # where init_app keeps the extension in app.extensions
 
 _cv_registry: contextvars.ContextVar[Registry] = contextvars.ContextVar("loopclients.registry")
 
@@ -49,13 +54,8 @@ def current_registry() -> Registry:
 
 
 def _registry_from_app() -> Registry | None:
-    from quart import current_app, has_app_context
-
-    from .extension import EXTENSION_KEY, LoopClients
-
+    # On every client lookup of every request: no import and no isinstance here.
     if not has_app_context():
         return None
-    clients = current_app.extensions.get(EXTENSION_KEY)
-    if not isinstance(clients, LoopClients):
-        return None
-    return clients.registry_for_running_loop()
+    clients: LoopClients | None = current_app.extensions.get(EXTENSION_KEY)
+    return None if clients is None else clients.registry_for_running_loop()

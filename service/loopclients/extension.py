@@ -27,11 +27,10 @@ from typing import Any
 
 from quart import Quart
 
+from .context import EXTENSION_KEY
 from .registry import ClientSpec, Hooks, Registry
 
 log = logging.getLogger("loopclients")
-
-EXTENSION_KEY = "loopclients"
 
 
 class LoopClients:
