@@ -170,6 +170,7 @@ class Hub:
             lambda messages: self._dispatch(feed, messages),
             flow,
             prepare=lambda: self.subscriptions.create(feed, again=True),
+            prepared=True,
             inline=True,
         )
         feed.pull.start()

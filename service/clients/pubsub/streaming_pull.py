@@ -87,7 +87,11 @@ class StreamingPull:
         on_messages: called on the loop with every batch of messages received; it acks or nacks.
         flow_control: the client's flow control (outstanding bound and maximum lease).
         prepare: awaited before every (re)start, e.g. to (re)create the subscription; an error
-            in it is retried with backoff.
+            in it is retried with backoff. :meth:`stop` lets one in flight finish rather than
+            cancel it: a cancelled call may still reach Pub/Sub, after the caller's own clean-up
+            (a create arriving after the delete that followed ``stop`` would bring the
+            subscription back).
+        prepared: the caller has just done what ``prepare`` does, so the first start skips it.
         inline: hand messages over from the client's stream thread (:class:`InlineScheduler`)
             instead of a one-thread executor.
     """
@@ -100,6 +104,7 @@ class StreamingPull:
         flow_control: pubsub_v1.types.FlowControl,
         prepare: Callable[[], Awaitable[object]] | None = None,
         *,
+        prepared: bool = False,
         inline: bool = False,
     ) -> None:
         self.client = client
@@ -107,6 +112,8 @@ class StreamingPull:
         self._on_messages = on_messages
         self._flow_control = flow_control
         self._prepare = prepare
+        self._prepared = prepared
+        self._preparing: asyncio.Task[object] | None = None
         self._inline = inline
         self._loop = asyncio.get_running_loop()
         self._lock = threading.Lock()
@@ -126,8 +133,10 @@ class StreamingPull:
         while True:
             started = self._loop.time()
             try:
-                if self._prepare is not None:
-                    await self._prepare()
+                if self._prepare is not None and not self._prepared:
+                    self._preparing = self._loop.create_task(_awaited(self._prepare()))
+                    await asyncio.shield(self._preparing)
+                self._prepared = False
                 self._future = self._subscribe()
                 self.running.set()
                 await asyncio.wrap_future(self._future)
@@ -232,11 +241,18 @@ class StreamingPull:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        preparing, self._preparing = self._preparing, None
+        if preparing is not None:
+            await asyncio.gather(preparing, return_exceptions=True)  # see ``prepare``
         await self._cancel_future()  # joins the client's threads: no callback runs after this
         self._manager = None
         with self._lock:
             batch, self._pending = self._pending, []
         return batch
+
+
+async def _awaited(awaitable: Awaitable[object]) -> object:
+    return await awaitable
 
 
 def _end_gracefully(future: Any, manager: StreamingPullManager, timeout: float) -> None:
