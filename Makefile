@@ -1,4 +1,5 @@
 # make run  - set up, start the emulators and the service on http://127.0.0.1:8080
+#             (SERVER=uvicorn or SERVER=granian instead of Hypercorn)
 # make test - set up and run the whole test suite (it starts its own emulators)
 # make lint - ruff (lint and format) and mypy --strict
 # make test-py313 - the whole suite under Python 3.13 (a Debian 13 root; needs root)
@@ -15,8 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+SERVER ?= hypercorn
+
 run: $(STAMP)
-	$(BIN)/python -m devtools.run
+	SERVER=$(SERVER) $(BIN)/python -m devtools.run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -1,15 +1,17 @@
-"""``make run``: the emulators, the configured topics and Hypercorn, all on loopback.
+"""``make run``: the emulators, the configured topics and the server, all on loopback.
 
 Starts the Pub/Sub and Cloud Storage emulators on free ports, creates the configured topics (and a
-``demo`` topic), then runs Hypercorn with ``hypercorn.toml`` in the foreground. Ctrl-C or SIGTERM stops
-Hypercorn first (gracefully), then the emulators: nothing is left running.
+``demo`` topic), then runs the server in the foreground: Hypercorn with ``hypercorn.toml`` by
+default, or uvicorn or granian with the flags of :mod:`devtools.servers` (``SERVER=uvicorn``).
+Ctrl-C or SIGTERM stops the server first (gracefully), then the emulators: nothing is left running.
 
 Authentication stays on: unless ``LOOPGATE_AUTH_FILE`` or ``LOOPGATE_AUTH`` is set, a development
 token (scope ``*``) is kept in ``.loopgate/dev-token`` (outside git) and its digest written to
 ``.loopgate/dev-tokens.toml``; the token is printed with ready-made examples.
 
-Environment: ``PORT`` (default 8080) and ``WORKERS`` (default: hypercorn.toml's); every ``LOOPGATE_*``
-variable is passed through to the service.
+Environment: ``SERVER`` (``hypercorn``, ``uvicorn`` or ``granian``; default ``hypercorn``), ``PORT``
+(default 8080) and ``WORKERS`` (default: hypercorn.toml's, or 2); every ``LOOPGATE_*`` variable is
+passed through to the service.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from google.cloud import pubsub_v1
 from service.auth.tokens import entry_toml, new_token
 
 from .emulators import EmulatorError, PubSubEmulator, StorageEmulator
-from .servers import ROOT, hypercorn_command, stop_process
+from .servers import DEFAULT_SERVER, ROOT, SERVERS, server_command, stop_process
 
 DEMO_TOPIC = "demo"
 DEMO_BUCKET = "demo"  # created in the storage emulator and allowed unless LOOPGATE_BUCKETS is set
@@ -91,7 +93,7 @@ def wait_http(url: str, timeout: float, process: subprocess.Popen[bytes]) -> Non
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"hypercorn exited with code {process.returncode}")
+            raise RuntimeError(f"the server exited with code {process.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=1):
                 return
@@ -106,6 +108,10 @@ def main() -> int:
         signal.signal(signum, lambda *_: stop.set())
 
     port = int(os.environ.get("PORT", "8080"))
+    server_name = os.environ.get("SERVER") or DEFAULT_SERVER
+    if server_name not in SERVERS:
+        print(f"error: SERVER={server_name}: choose one of {', '.join(SERVERS)}", file=sys.stderr)
+        return 2
     env = dict(os.environ)
     env.setdefault("LOOPGATE_PROJECT", DEFAULT_PROJECT)
     env.setdefault("LOOPGATE_TOPICS", DEMO_TOPIC)
@@ -124,7 +130,7 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     storage = StorageEmulator()
-    hypercorn: subprocess.Popen[bytes] | None = None
+    server: subprocess.Popen[bytes] | None = None
     try:
         print(f"starting the Pub/Sub emulator on {pubsub.host} ...", flush=True)
         pubsub.start()
@@ -136,13 +142,13 @@ def main() -> int:
         create_bucket(storage.url, env["LOOPGATE_PROJECT"], DEMO_BUCKET)
 
         workers = int(os.environ["WORKERS"]) if os.environ.get("WORKERS") else None
-        command = hypercorn_command(f"127.0.0.1:{port}", workers=workers)
-        hypercorn = subprocess.Popen(command, env=env, cwd=ROOT, start_new_session=True)
+        command = server_command(server_name, f"127.0.0.1:{port}", workers=workers)
+        server = subprocess.Popen(command, env=env, cwd=ROOT, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
-        wait_http(f"{base}/healthz", 60, hypercorn)
+        wait_http(f"{base}/healthz", 60, server)
         auth = f"-H 'Authorization: Bearer {token}' " if token else ""
         print(
-            f"\nloopgate is running on {base}  (Ctrl-C stops everything)\n"
+            f"\nloopgate is running on {base} under {server_name}  (Ctrl-C stops everything)\n"
             f"  project {env['LOOPGATE_PROJECT']}, topics: {', '.join(topics)}\n"
             f"  docs:    {base}/docs\n"
             f"  ready:   {base}/readyz\n"
@@ -162,15 +168,15 @@ def main() -> int:
             ),
             flush=True,
         )
-        while not stop.is_set() and hypercorn.poll() is None:
+        while not stop.is_set() and server.poll() is None:
             stop.wait(0.5)
-        return 0 if stop.is_set() else (hypercorn.returncode or 1)
+        return 0 if stop.is_set() else (server.returncode or 1)
     except (EmulatorError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
-        if hypercorn is not None:
-            stop_process(hypercorn, timeout=60)
+        if server is not None:
+            stop_process(server, timeout=60)
         storage.stop()
         pubsub.stop()
         print("stopped.", flush=True)

@@ -1,4 +1,10 @@
-"""Starting Hypercorn with the repository's settings, and stopping a child process by its PID."""
+"""The command lines that serve loopgate under each supported server, and stopping a child process
+by its PID.
+
+Hypercorn reads ``hypercorn.toml``; uvicorn and granian take flags (their settings are listed in
+the README), and each reads a JSON logging configuration of the repository so that every server
+writes the same JSON lines.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "service:create_app()"
+FACTORY = "service:create_app"  # what uvicorn's and granian's --factory call
+SERVERS = ("hypercorn", "uvicorn", "granian")
+DEFAULT_SERVER = "hypercorn"
 
 
 def hypercorn_command(
@@ -27,6 +36,81 @@ def hypercorn_command(
     if workers is not None:
         command += ["--workers", str(workers)]
     return [*command, *extra, app]
+
+
+def uvicorn_command(
+    bind: str,
+    *,
+    workers: int | None = None,
+    app: str = APP,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The command line that serves ``app`` with uvicorn on ``bind`` (flags: see the README)."""
+    host, port = bind.rsplit(":", 1)
+    command = [
+        sys.executable, "-m", "uvicorn", "--host", host, "--port", port,
+        "--workers", str(workers or 2),
+        *UVICORN_FLAGS,
+        "--log-config", str(ROOT / "uvicorn-log.json"),
+    ]  # fmt: skip
+    return [*command, *extra, *_factory(app)]
+
+
+def granian_command(
+    bind: str,
+    *,
+    workers: int | None = None,
+    app: str = APP,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The command line that serves ``app`` with granian on ``bind`` (flags: see the README)."""
+    host, port = bind.rsplit(":", 1)
+    command = [
+        sys.executable, "-m", "granian", "--host", host, "--port", port,
+        "--workers", str(workers or 2),
+        *GRANIAN_FLAGS,
+        "--log-config", str(ROOT / "granian-log.json"),
+    ]  # fmt: skip
+    return [*command, *extra, *_factory(app)]
+
+
+# The production flags of each server, as the README lists them.
+UVICORN_FLAGS: tuple[str, ...] = (
+    "--loop", "uvloop", "--http", "httptools", "--lifespan", "on",
+    "--timeout-graceful-shutdown", "20", "--timeout-keep-alive", "75", "--backlog", "2048",
+    "--ws-max-size", "262144", "--ws-per-message-deflate", "false", "--no-server-header",
+    "--h11-max-incomplete-event-size", "16384",
+)  # fmt: skip
+GRANIAN_FLAGS: tuple[str, ...] = (
+    "--interface", "asgi", "--loop", "uvloop", "--backlog", "2048",
+    "--workers-kill-timeout", "20", "--access-log",
+)  # fmt: skip
+
+
+def _factory(app: str) -> list[str]:
+    """``module:create_app()`` (Hypercorn's form) as uvicorn's and granian's ``--factory`` form."""
+    if app.endswith("()"):
+        return ["--factory", app[:-2]]
+    return [app]
+
+
+def server_command(
+    server: str,
+    bind: str,
+    *,
+    workers: int | None = None,
+    app: str = APP,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The command line that serves ``app`` on ``bind`` with ``server`` (one of :data:`SERVERS`)."""
+    commands = {
+        "hypercorn": hypercorn_command,
+        "uvicorn": uvicorn_command,
+        "granian": granian_command,
+    }
+    if server not in commands:
+        raise ValueError(f"unknown server {server!r}: choose one of {', '.join(SERVERS)}")
+    return commands[server](bind, workers=workers, app=app, extra=extra)
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 30.0) -> int:

@@ -30,7 +30,7 @@ from quart import Quart
 from quart.typing import TestClientProtocol
 
 from devtools.emulators import PubSubEmulator, free_port
-from devtools.servers import hypercorn_command
+from devtools.servers import DEFAULT_SERVER, SERVERS, server_command
 from service import create_app, load_settings
 from service.config import Settings
 
@@ -161,7 +161,8 @@ def client(app: Quart) -> TestClientProtocol:
 
 @dataclass
 class Server:
-    """A Hypercorn server process on loopback, started with the repository's hypercorn.toml."""
+    """A server process on loopback (Hypercorn with the repository's hypercorn.toml, or uvicorn
+    or granian with the flags of devtools/servers.py)."""
 
     port: int
     process: subprocess.Popen[bytes]
@@ -198,9 +199,10 @@ def spawn_server(
     port: int | None = None,
     app: str = "service:create_app()",
     args: Sequence[str] = (),
+    server: str = DEFAULT_SERVER,
 ) -> Server:
     port = port or free_port()
-    log_path = tmp_path / f"hypercorn-{port}.log"
+    log_path = tmp_path / f"{server}-{port}.log"
     metrics_dir = tempfile.mkdtemp(prefix="metrics-", dir=tmp_path)
     full_env = {key: value for key, value in os.environ.items() if not key.startswith("LOOPGATE_")}
     full_env.update(
@@ -214,7 +216,7 @@ def spawn_server(
     full_env.update(env or {})
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            hypercorn_command(f"127.0.0.1:{port}", workers=workers, app=app, extra=args),
+            server_command(server, f"127.0.0.1:{port}", workers=workers, app=app, extra=args),
             cwd=ROOT,
             env=full_env,
             stdout=log,
@@ -241,6 +243,12 @@ async def wait_until_up(server: Server, path: str = "/healthz", timeout: float =
     raise AssertionError(f"server did not answer {path} within {timeout}s:\n{server.log()}")
 
 
+@pytest.fixture(params=SERVERS)
+def server_name(request: pytest.FixtureRequest) -> str:
+    """Each supported server in turn: a test that takes it runs once per server."""
+    return str(request.param)
+
+
 @pytest.fixture
 def start_server(tmp_path: Path, pubsub_emulator: PubSubEmulator) -> Iterator[Callable[..., Any]]:
     servers: list[Server] = []
@@ -252,12 +260,13 @@ def start_server(tmp_path: Path, pubsub_emulator: PubSubEmulator) -> Iterator[Ca
         wait: str | None = "/healthz",
         app: str = "service:create_app()",
         args: Sequence[str] = (),
+        server: str = DEFAULT_SERVER,
     ) -> Server:
-        server = spawn_server(tmp_path, env, workers=workers, app=app, args=args)
-        servers.append(server)
+        started = spawn_server(tmp_path, env, workers=workers, app=app, args=args, server=server)
+        servers.append(started)
         if wait:
-            await wait_until_up(server, wait)
-        return server
+            await wait_until_up(started, wait)
+        return started
 
     yield start
     for server in servers:

@@ -1,4 +1,4 @@
-"""Connections their clients closed are closed by the worker at once (service/server/half_close.py).
+"""Connections their clients closed are closed by the worker at once (service/server/hypercorn/half_close.py).
 
 A real Hypercorn serves the service on loopback; the worker's sockets for the test's own client
 ports are looked up in the kernel's TCP table. A socket the client closed and the worker did not is
@@ -190,7 +190,7 @@ async def test_streams_their_clients_closed_end_and_leave_no_close_wait(
 def test_hypercorn_reads_connections_as_the_seam_expects() -> None:
     from hypercorn.asyncio.tcp_server import TCPServer
 
-    from service.server import half_close
+    from service.server.hypercorn import half_close
 
     half_close.close_when_read_ends()
     wrapped = TCPServer._read_data

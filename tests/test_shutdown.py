@@ -46,7 +46,7 @@ async def test_cancelling_the_connection_cancels_its_handler() -> None:
 def test_hypercorn_connections_are_watched_by_one_wrapper() -> None:
     from hypercorn.asyncio.tcp_server import TCPServer
 
-    from service.server import hypercorn_close
+    from service.server.hypercorn import close as hypercorn_close
 
     hypercorn_close.bound_close()
     wrapped = TCPServer.__await__

@@ -786,7 +786,7 @@ async def test_server_stops_with_a_download_whose_client_reads_nothing(
     start_server: Callable[..., Awaitable[Server]], storage_emulator: StorageEmulator, bucket: str
 ) -> None:
     # Hypercorn cancels the connection at its graceful timeout, then would wait forever to flush
-    # what it holds for a client that reads nothing; the close is bounded (service/hypercorn_close).
+    # what it holds for a client that reads nothing; the close is bounded (service/server/hypercorn/close.py).
     server = await start_server(
         env=server_env(storage_emulator, bucket), workers=1, args=["--graceful-timeout", "4"]
     )

@@ -308,7 +308,7 @@ async def test_sigterm_ends_a_worker_whose_subscriber_reads_nothing(
     start_server: Any, topic: Topic
 ) -> None:
     # Hypercorn cancels the connection at its graceful timeout, then would wait forever to flush
-    # what it holds for a client that reads nothing; the close is bounded (service/server/hypercorn_close.py).
+    # what it holds for a client that reads nothing; the close is bounded (service/server/hypercorn/close.py).
     # On Python 3.12+ asyncio's Server.wait_closed() also waits for every connection
     # (pgjones/hypercorn#308): this test would hang there too if that bit; CI runs it on 3.13.
     server = await start_server(

@@ -13,7 +13,7 @@ from test_auth_access import worker_pids
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message, Request, TextMessage
 
-from service.server import websocket_limit
+from service.server.hypercorn import websocket_limit
 
 OVER_LIMIT = "x" * (256 * 1024 + 1000)  # over hypercorn.toml's websocket_max_message_size
 

@@ -25,7 +25,8 @@ from collections.abc import Callable
 from ..config import current_settings
 from ..errors import Unavailable
 from ..loopclients import ClientSpec
-from ..server.hypercorn_shutdown import server_shutdown_event
+from ..server import watch_shutdown
+from ..server.hypercorn.shutdown import server_shutdown_event
 
 log = logging.getLogger("loopgate.shutdown")
 
@@ -43,11 +44,15 @@ class ConnectionGate:
         self._task: asyncio.Task[None] | None = None
         self._parent = os.getppid()
         self._hypercorn_event = server_shutdown_event()
+        self._unwatch: Callable[[], None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @classmethod
     async def create(cls) -> ConnectionGate:
         gate = cls(current_settings().stream_max_connections)
         gate._task = asyncio.get_running_loop().create_task(gate._watch(), name="shutdown-watch")
+        gate._unwatch = watch_shutdown(gate)
         return gate
 
     async def _watch(self) -> None:
@@ -80,6 +85,26 @@ class ConnectionGate:
             except Exception:
                 log.exception("a shutdown callback failed")
 
+    async def drained(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until no stream connection is open; whether none is.
+
+        A server that closes connections itself as soon as its shutdown begins (uvicorn,
+        granian) is held back with this, so that streams end with loopgate's own close first.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _count(self, delta: int) -> None:
+        self.connections += delta
+        if self.connections:
+            self._idle.clear()
+        else:
+            self._idle.set()
+
     def admit(self) -> None:
         """Check that one more connection would be accepted.
 
@@ -100,6 +125,9 @@ class ConnectionGate:
 
     async def aclose(self) -> None:
         self.close("the app is shutting down")
+        unwatch, self._unwatch = self._unwatch, None
+        if unwatch is not None:
+            unwatch()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -123,10 +151,10 @@ class _Held:
 
     def __enter__(self) -> None:
         self._gate.admit()
-        self._gate.connections += 1
+        self._gate._count(1)
         self._entered = True
 
     def __exit__(self, *exc_info: object) -> None:
         if self._entered:
             self._entered = False
-            self._gate.connections -= 1
+            self._gate._count(-1)
