@@ -6,6 +6,11 @@ from __future__ import annotations
 import os
 import tempfile
 
+# Imported a second time under another name (``tests.conftest``), this module would point the
+# metrics of this process at a new, empty directory: test modules import it as ``conftest``.
+if __name__ != "conftest":
+    raise ImportError(f"import the test fixtures as `conftest`, not as `{__name__}`")
+
 # Metrics of this test process go to a directory of its own (set before the service is imported).
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="loopgate-test-metrics-")
 for _key in [key for key in os.environ if key.startswith("LOOPGATE_")]:

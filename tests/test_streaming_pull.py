@@ -11,8 +11,9 @@ import asyncio
 import concurrent.futures
 from typing import Any
 
+from conftest import WAIT
+
 from service.clients.pubsub.streaming_pull import StreamingPull
-from tests.conftest import WAIT
 
 
 def _pull(prepare: Any, *, prepared: bool) -> StreamingPull:
