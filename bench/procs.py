@@ -129,6 +129,14 @@ class Server:
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pids)
 
+    def replaced_workers(self) -> list[int]:
+        """The PIDs of processes seen at start that have ended since (a worker its supervisor
+        killed and replaced, for instance); the PIDs are then read again for the next runs."""
+        gone = [pid for pid in self.pids if not _alive(pid)]
+        if gone and self.process is not None and self.process.poll() is None:
+            self.pids = descendants(self.process.pid)
+        return gone
+
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the master; SIGKILL it and any worker left after ``timeout``, by PID."""
         process, self.process = self.process, None
