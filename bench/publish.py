@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     print(render_table(runs, conditions))
     if not args.no_write:
         write_results(args.results, runs, conditions)
-        print(f"\nwrote {args.results.relative_to(ROOT)}")
+        print(f"\nwrote {args.results}")
     return 0
 
 

@@ -413,7 +413,9 @@ def main() -> int:
     )
     parser.add_argument("--deliveries", type=float, default=50_000)
     parser.add_argument("--measure", type=float, default=8.0)
-    parser.add_argument("--clients", default="100,1000,5000")
+    parser.add_argument(
+        "--clients", default="100,1000,5000", help="comma-separated counts (0: only --idle)"
+    )
     parser.add_argument("--naive-all", action="store_true")
     parser.add_argument("--modes", default="ceiling,pubsub,naive", help="designs to run")
     parser.add_argument(
@@ -438,7 +440,7 @@ def main() -> int:
     modes = [mode for mode in args.modes.split(",") if mode]
     if not modes or set(modes) - set(APPS):
         parser.error(f"--modes: choose from {', '.join(APPS)}")
-    clients_list = [int(c) for c in args.clients.split(",") if c]
+    clients_list = [int(c) for c in args.clients.split(",") if int(c or 0) > 0]
     try:
         soft, hard = raise_fd_limit(max([*clients_list, args.idle]))
     except RuntimeError as exc:
