@@ -34,9 +34,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from devtools.servers import SERVERS, server_command, stop_process
+from devtools.servers import SERVERS, server_command
 
 from .harness import write_section
+from .procs import stop_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "loopgate-bench"
@@ -121,7 +122,7 @@ def start_server(
 
 
 def stop_server(process: subprocess.Popen[bytes]) -> None:
-    stop_process(process, timeout=40)
+    stop_tree(process, timeout=40)
 
 
 def worker_pid(master: int) -> int:
