@@ -129,23 +129,40 @@ class Server:
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pids)
 
+    def replaced_workers(self) -> list[int]:
+        """The PIDs of processes seen at start that have ended since (a worker its supervisor
+        killed and replaced, for instance); the PIDs are then read again for the next runs."""
+        gone = [pid for pid in self.pids if not _alive(pid)]
+        if gone and self.process is not None and self.process.poll() is None:
+            self.pids = descendants(self.process.pid)
+        return gone
+
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the master; SIGKILL it and any worker left after ``timeout``, by PID."""
         process, self.process = self.process, None
         if process is not None:
-            pids = descendants(process.pid) if process.poll() is None else self.pids
-            stop_process(process, timeout)
-            deadline = time.monotonic() + 5
-            for pid in pids:
-                if pid == process.pid:
-                    continue
-                while _alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                if _alive(pid):
-                    os.kill(pid, signal.SIGKILL)
+            stop_tree(process, timeout, known=self.pids)
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def stop_tree(
+    process: subprocess.Popen[bytes], timeout: float = 30.0, known: Iterable[int] = ()
+) -> None:
+    """SIGTERM the server ``process`` started by this benchmark, SIGKILL it after ``timeout``, then
+    SIGKILL any of its processes (those below it when asked to stop, or ``known``) still alive 5 s
+    later: a worker whose master was killed is never left behind. Only these PIDs are signalled."""
+    pids = descendants(process.pid) if process.poll() is None else list(known)
+    stop_process(process, timeout)
+    deadline = time.monotonic() + 5
+    for pid in pids:
+        if pid == process.pid:
+            continue
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:

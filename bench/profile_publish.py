@@ -35,8 +35,8 @@ from .publish import (
     TOPIC,
     URL_PATH,
     body,
-    server_command,
     server_env,
+    setup_command,
 )
 
 # (layer, pattern on a frame's file); the first layer found from the innermost frame outwards wins.
@@ -47,6 +47,9 @@ LAYERS = [
     ("json", r"/json/"),
     ("h11 (HTTP/1.1 parsing)", r"/h11/"),
     ("hypercorn", r"hypercorn/"),
+    ("uvicorn / httptools", r"uvicorn/|httptools/"),
+    ("granian", r"granian/"),
+    ("fastapi / starlette", r"fastapi/|starlette/"),
     ("quart / werkzeug", r"quart/|werkzeug/|flask/"),
     ("loopgate (service/)", r"service/"),
     ("asyncio / uvloop", r"asyncio/|uvloop/"),
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         create_topics(PROJECT, [TOPIC])
         env = server_env(metrics_dir)
         port = free_port()
-        command = server_command(args.setup, port, args.workers, args.threads, scratch)
+        command = setup_command(args.setup, port, args.workers, args.threads, scratch)
         server = Server(
             args.setup, LABELS[args.setup], command, env, ROOT, scratch / "server.out", port
         )

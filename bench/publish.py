@@ -1,6 +1,9 @@
-"""HTTP publish benchmark: loopgate against Flask (two client patterns) and a no-op Quart ceiling.
+"""HTTP publish benchmark: loopgate under each server against Flask, FastAPI and no-op ceilings.
 
-Starts one Pub/Sub emulator and every server on loopback (2 workers each), then measures with wrk
+Starts one Pub/Sub emulator and every server on loopback (2 workers each): loopgate under
+Hypercorn, uvicorn and granian (with the command lines of ``devtools/servers.py``), Flask with a
+client per request and with one global client, FastAPI with one client made in its lifespan, and
+no-op Quart and FastAPI apps as ceilings. Then it measures with wrk
 requests per second and p50/p99 latency at each connection count, in interleaved rounds so that
 noise on a shared machine spreads over all setups alike; then messages per second through loopgate
 with many messages per request. Prints a table and writes the "Publish" section of
@@ -24,6 +27,7 @@ from pathlib import Path
 
 from devtools.emulators import EmulatorError, PubSubEmulator, free_port
 from devtools.run import create_topics
+from devtools.servers import APP, server_command
 
 from .load import Run, run_wrk
 from .procs import Server
@@ -34,14 +38,36 @@ PROJECT = "loopgate-bench"
 TOPIC = "bench"
 URL_PATH = f"/v1/topics/{TOPIC}:publish"
 PAYLOAD = base64.b64encode(b"loopgate-bench-" + b"x" * 49).decode()  # 64 bytes of data
-SETUPS = ("flask-per-request", "flask-global", "quart-noop", "quart-noop-gc", "loopgate")
+SETUPS = (
+    "flask-per-request",
+    "flask-global",
+    "fastapi-peer",
+    "fastapi-noop",
+    "quart-noop",
+    "quart-noop-gc",
+    "loopgate",
+    "loopgate-uvicorn",
+    "loopgate-granian",
+)
 LABELS = {
     "flask-per-request": "Flask, client per request (gunicorn gthread)",
     "flask-global": "Flask, one global client (gunicorn gthread)",
+    "fastapi-peer": "FastAPI, one client made in the lifespan (uvicorn)",
+    "fastapi-noop": "FastAPI no-op (uvicorn), the ceiling for FastAPI on uvicorn",
     "quart-noop": "Quart no-op (Hypercorn), the ceiling",
     "quart-noop-gc": "Quart no-op with loopgate's garbage-collection settings",
     "loopgate": "loopgate (Hypercorn)",
+    "loopgate-uvicorn": "loopgate (uvicorn)",
+    "loopgate-granian": "loopgate (granian)",
 }
+# The loopgate setups and the server each runs under (command lines from devtools/servers.py).
+LOOPGATE_SERVERS = {
+    "loopgate": "hypercorn",
+    "loopgate-uvicorn": "uvicorn",
+    "loopgate-granian": "granian",
+}
+# What a FastAPI user runs: uvicorn with its fast parser and loop, no access log.
+FASTAPI_FLAGS = ("--loop", "uvloop", "--http", "httptools", "--no-access-log")
 
 
 def body(messages: int) -> bytes:
@@ -62,8 +88,17 @@ def server_env(metrics_dir: Path) -> dict[str, str]:
     }
 
 
-def server_command(key: str, port: int, workers: int, threads: int, scratch: Path) -> list[str]:
+def setup_command(key: str, port: int, workers: int, threads: int, scratch: Path) -> list[str]:
+    """The command line that serves setup ``key`` on loopback ``port``."""
     bind = f"127.0.0.1:{port}"
+    if key in ("loopgate-uvicorn", "loopgate-granian"):
+        # The documented flags as they are (access log included, as in production).
+        return server_command(LOOPGATE_SERVERS[key], bind, workers=workers, app=APP)
+    if key.startswith("fastapi"):
+        return [
+            sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port),
+            f"--workers={workers}", *FASTAPI_FLAGS, f"bench.apps.{key.replace('-', '_')}:app",
+        ]  # fmt: skip
     if key.startswith("flask"):
         module = key.replace("-", "_")
         return [
@@ -81,7 +116,7 @@ def server_command(key: str, port: int, workers: int, threads: int, scratch: Pat
             f"bench.apps.{module}:app",
         ]
     app = {
-        "loopgate": "service:create_app()",
+        "loopgate": APP,
         "quart-noop": "bench.apps.quart_noop:app",
         "quart-noop-gc": "bench.apps.quart_noop_gc:app",
     }[key]
@@ -161,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             servers[key] = Server(
                 key,
                 LABELS[key],
-                server_command(key, port, args.workers, args.threads, scratch),
+                setup_command(key, port, args.workers, args.threads, scratch),
                 env,
                 ROOT,
                 scratch / f"{key}.out",
@@ -184,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
                 threads=args.wrk_threads,
                 emulator_pid=emulator.process.pid,
             )
+            gone = servers[key].replaced_workers()
+            if gone:
+                # Its CPU is counted only up to the worker's end: say so beside the table.
+                note = f"{key}: worker(s) {gone} ended during a run at {connections} connections"
+                conditions.notes.append(note)
+                print(f"  warning: {note}", flush=True)
             time.sleep(1.0)  # let the server settle between runs
             return run
 
@@ -231,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     print(render_table(runs, conditions))
     if not args.no_write:
         write_results(args.results, runs, conditions)
-        print(f"\nwrote {args.results.relative_to(ROOT)}")
+        print(f"\nwrote {args.results}")
     return 0
 
 

@@ -16,9 +16,23 @@ from statistics import median
 
 from .load import Run
 
-PACKAGES = ("hypercorn", "quart", "uvloop", "flask", "gunicorn", "grpcio", "google-cloud-pubsub")
+PACKAGES = (
+    "hypercorn",
+    "uvicorn",
+    "granian",
+    "httptools",
+    "quart",
+    "fastapi",
+    "uvloop",
+    "flask",
+    "gunicorn",
+    "grpcio",
+    "google-cloud-pubsub",
+)
 CEILING, GLOBAL, LOOPGATE = "quart-noop", "flask-global", "loopgate"
-TUNED_CEILING = "quart-noop-gc"
+TUNED_CEILING, FASTAPI_PEER = "quart-noop-gc", "fastapi-peer"
+# Each loopgate setup and the server it runs under.
+LOOPGATES = {"loopgate": "Hypercorn", "loopgate-uvicorn": "uvicorn", "loopgate-granian": "granian"}
 TARGET_RATIO, TARGET_MPS, TARGET_CONNECTIONS = 0.90, 100_000, 256
 
 
@@ -37,6 +51,7 @@ class Conditions:
     options: str
     load_end: tuple[float, float, float] = (0.0, 0.0, 0.0)
     minutes: float = 0.0
+    notes: list[str] = field(default_factory=list)
     _t0: float = field(default_factory=lambda: dt.datetime.now().timestamp())
 
     @classmethod
@@ -82,7 +97,7 @@ class Conditions:
             f"- load average (1, 5, 15 min): {load} at start, {load_end} at end\n"
             f"- Python {self.python}; {versions}; {self.wrk}\n"
             f"- options: `python -m bench.publish {self.options}`"
-        )
+        ) + "".join(f"\n- {note}" for note in self.notes)
 
 
 def _read(path: str) -> str:
@@ -107,8 +122,13 @@ def _pick(runs: list[Run], setup: str, connections: int, messages: int = 1) -> l
     ]
 
 
-def _per_round_ratio(top: list[Run], bottom: list[Run]) -> float | None:
-    pairs = [a.rps / b.rps for a, b in zip(top, bottom, strict=False) if b.rps > 0]
+def _per_round_ratio(top: list[Run], bottom: list[Run], metric: str = "rps") -> float | None:
+    """The median over rounds of ``top``'s ``metric`` over ``bottom``'s in the same round."""
+    pairs = [
+        getattr(a, metric) / getattr(b, metric)
+        for a, b in zip(top, bottom, strict=False)
+        if getattr(b, metric) > 0
+    ]
     return median(pairs) if pairs else None
 
 
@@ -119,7 +139,7 @@ def render_table(runs: list[Run], conditions: Conditions) -> str:
         key=lambda item: (item[0], SETUP_ORDER.get(item[1], 9)),
     )
     lines = [
-        "| setup | conns | req/s | vs ceiling | vs global | p50 ms | p99 ms | errors "
+        "| setup | conns | req/s | vs Quart no-op | vs Flask global | p50 ms | p99 ms | errors "
         "| server CPU ms/req | emulator CPU ms/req | req/s per round |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
@@ -136,6 +156,7 @@ def render_table(runs: list[Run], conditions: Conditions) -> str:
             f"| {median(_per_request(r.emulator_cpu, r) for r in chosen):.2f} "
             f"| {' / '.join(f'{r.rps:,.0f}' for r in chosen)} |"
         )
+    lines += _versus_peers(runs)
     batched = sorted({(r.connections, r.messages) for r in runs if r.messages > 1})
     if batched:
         lines += [
@@ -163,10 +184,56 @@ def render_table(runs: list[Run], conditions: Conditions) -> str:
 SETUP_ORDER = {
     "flask-per-request": 0,
     "flask-global": 1,
-    "quart-noop": 2,
-    "quart-noop-gc": 3,
-    "loopgate": 4,
+    "fastapi-peer": 2,
+    "fastapi-noop": 3,
+    "quart-noop": 4,
+    "quart-noop-gc": 5,
+    "loopgate": 6,
+    "loopgate-uvicorn": 7,
+    "loopgate-granian": 8,
 }
+
+
+def _versus_peers(runs: list[Run]) -> list[str]:
+    """loopgate under each server against the peers a user would otherwise write, same rounds.
+
+    Ratios are medians of per-round ratios (req/s: higher is better for loopgate; p99: lower).
+    """
+    ours = [key for key in LOOPGATES if any(r.setup == key for r in runs)]
+    if not ours:
+        return []
+    lines = [
+        "",
+        "loopgate under each server against its peers, same run (ratios: medians of per-round "
+        "ratios, loopgate over the peer; for p99 below 1 is better):",
+        "",
+        "| loopgate under | conns | req/s | p99 ms | req/s vs FastAPI peer "
+        "| p99 vs FastAPI peer | req/s vs Flask global | p99 vs Flask global | req/s vs Quart no-op |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for connections in sorted({r.connections for r in runs if r.messages == 1}):
+        for key in ours:
+            mine = _pick(runs, key, connections)
+            if not mine:
+                continue
+            cells = []
+            for peer in (FASTAPI_PEER, GLOBAL):
+                theirs = _pick(runs, peer, connections)
+                cells.append(_x(_per_round_ratio(mine, theirs)))
+                p99 = _per_round_ratio(mine, theirs, "p99_ms")
+                cells.append(
+                    "-" if p99 is None else f"{_x(p99)} ({median(r.p99_ms for r in theirs):.1f} ms)"
+                )
+            ceiling = (
+                _per_round_ratio(mine, _pick(runs, CEILING, connections))
+                if key == LOOPGATE
+                else None
+            )
+            lines.append(
+                f"| {LOOPGATES[key]} | {connections} | {median(r.rps for r in mine):,.0f} "
+                f"| {median(r.p99_ms for r in mine):.1f} | {' | '.join(cells)} | {_pct(ceiling)} |"
+            )
+    return lines
 
 
 def _targets(runs: list[Run]) -> list[str]:

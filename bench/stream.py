@@ -1,6 +1,8 @@
 """Websocket fan-out benchmark: deliveries per second and publish-to-receive latency on one worker.
 
-Runs, side by side, at 100, 1,000 and 5,000 websocket clients of one Hypercorn worker:
+Runs, side by side, at 100, 1,000 and 5,000 websocket clients of one worker of each server named
+by ``--server`` (Hypercorn by default; uvicorn and granian with the command lines of
+``devtools/servers.py``):
 
 * ``ceiling``: the same server with the hub fed by a timer in the worker (no Pub/Sub): the most one
   worker can deliver;
@@ -11,9 +13,10 @@ Runs, side by side, at 100, 1,000 and 5,000 websocket clients of one Hypercorn w
 The offered load is ``--deliveries`` per second in all (messages per second = deliveries / clients).
 Messages are published straight to the emulator from this process, so the server only fans out.
 The load client is Node.js ``ws`` (bench/stream_client.js; ``npm install`` in bench/ first).
-Also measures the worker's memory per idle connection. Everything runs on loopback and stops by itself.
+Also measures the worker's memory per idle connection (``--idle``, 10,000 for the one-worker
+target). Everything runs on loopback and stops by itself; every process it starts is stopped by PID.
 
-    python -m bench.stream [--deliveries 50000] [--measure 8] [--write]
+    python -m bench.stream [--server hypercorn,uvicorn,granian] [--deliveries 50000] [--measure 8]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import threading
@@ -30,9 +34,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from devtools.servers import hypercorn_command, stop_process
+from devtools.servers import SERVERS, server_command
 
 from .harness import write_section
+from .procs import stop_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "loopgate-bench"
@@ -52,7 +57,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(mode: str, rate: float, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+BACKLOG = 8192
+# Descriptors each process needs besides one per connection (its own files, the emulator's channel).
+SPARE_FDS = 256
+
+
+def server_extra(server: str) -> list[str]:
+    """What this benchmark adds to the server's documented command line: a deeper backlog, so that
+    thousands of clients connecting at once are not refused; for Hypercorn its logs on stdout.
+    (Granian's ``--backpressure`` limits requests in progress, not open websockets: one worker
+    with ``--backpressure 20`` held and fed 50.)"""
+    if server == "hypercorn":
+        return [
+            "--backlog", str(BACKLOG), "--error-logfile", "-", "--access-logfile", "/dev/null",
+        ]  # fmt: skip
+    return ["--backlog", str(BACKLOG)]
+
+
+def start_server(
+    mode: str, server: str, rate: float, log: Path, max_connections: int
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Serve ``mode``'s app with one worker of ``server``; returns once it answers ``/healthz``."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPGATE_")}
     env.update(
@@ -60,7 +85,7 @@ def start_server(mode: str, rate: float, log: Path) -> tuple[subprocess.Popen[by
             "LOOPGATE_PROJECT": PROJECT,
             "LOOPGATE_TOPICS": TOPIC,
             "LOOPGATE_AUTH": "disabled",  # the naive and ceiling servers have no auth either
-            "LOOPGATE_STREAM_MAX_CONNECTIONS": "20000",
+            "LOOPGATE_STREAM_MAX_CONNECTIONS": str(max(20_000, 2 * max_connections)),
             "BENCH_TOPIC": TOPIC,
             "BENCH_RATE": str(rate),
             "PROMETHEUS_MULTIPROC_DIR": str(log.parent / f"metrics-{port}"),
@@ -70,45 +95,49 @@ def start_server(mode: str, rate: float, log: Path) -> tuple[subprocess.Popen[by
     os.makedirs(env["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
     with open(log, "ab") as out:
         process = subprocess.Popen(
-            hypercorn_command(
+            server_command(
+                server,
                 f"127.0.0.1:{port}",
                 workers=1,
                 app=APPS[mode],
-                extra=[
-                    "--backlog",
-                    "8192",
-                    "--error-logfile",
-                    "-",
-                    "--access-logfile",
-                    "/dev/null",
-                ],
+                extra=server_extra(server),
             ),
             cwd=ROOT,
             env=env,
+            stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{mode} server ({server}) exited at start; see {log}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
                 return process, port
         except OSError:
             time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"{mode} server did not start; see {log}")
+    stop_server(process)
+    raise RuntimeError(f"{mode} server ({server}) did not start within 60 s; see {log}")
 
 
 def stop_server(process: subprocess.Popen[bytes]) -> None:
-    stop_process(process, timeout=40)
+    stop_tree(process, timeout=40)
 
 
 def worker_pid(master: int) -> int:
-    """The Hypercorn worker among the master's children (not multiprocessing's resource tracker)."""
-    for child in Path(f"/proc/{master}/task/{master}/children").read_text().split():
-        if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
-            return int(child)
-    raise RuntimeError("no Hypercorn worker process found")
+    """The one worker serving: the master's child that is not multiprocessing's resource tracker
+    (Hypercorn spawns its worker, granian forks it), or the master itself when it has none (uvicorn
+    with one worker serves in its own process)."""
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    workers = [
+        int(child)
+        for child in children
+        if b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes()
+    ]
+    if len(workers) > 1:
+        raise RuntimeError(f"expected one worker under {master}, found {workers}")
+    return workers[0] if workers else master
 
 
 def cpu_seconds(pid: int) -> float:
@@ -127,6 +156,31 @@ def worker_rss_kib(process: subprocess.Popen[bytes]) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def worker_fds(process: subprocess.Popen[bytes]) -> int:
+    """Open file descriptors of the worker: one per connection it holds, besides its own."""
+    return len(os.listdir(f"/proc/{worker_pid(process.pid)}/fd"))
+
+
+def raise_fd_limit(connections: int) -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE (which every process it starts inherits) to what
+    ``connections`` need, up to the hard limit; returns the (soft, hard) limits now in force.
+
+    Raises:
+        RuntimeError: the hard limit is too low for ``connections``.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + SPARE_FDS
+    if hard != resource.RLIM_INFINITY and hard < want:
+        raise RuntimeError(
+            f"{connections:,} connections need {want:,} open files per process; this machine "
+            f"allows {hard:,} (ulimit -Hn): raise it, or ask for fewer clients"
+        )
+    if soft != resource.RLIM_INFINITY and soft < want:
+        soft = want
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft, hard
 
 
 class Publisher(threading.Thread):
@@ -166,6 +220,7 @@ def run_client(
     on_connected: Any = None,
     on_measuring: Any = None,
 ) -> dict[str, Any]:
+    connect = max(60.0, clients / 100)  # seconds the client waits for every connection to open
     process = subprocess.Popen(
         [
             "node",
@@ -174,7 +229,9 @@ def run_client(
             str(clients),
             str(warmup),
             str(measure),
+            str(connect),
         ],
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -182,8 +239,11 @@ def run_client(
     assert process.stdout is not None
     result: dict[str, Any] = {}
     client_cpu = 0.0
+    # Bounded even if the client hangs without a line: kill it (by its PID) past the deadline.
+    watchdog = threading.Timer(connect + warmup + measure + 60, process.kill)
+    watchdog.start()
     try:
-        deadline = time.monotonic() + warmup + measure + 120
+        deadline = time.monotonic() + connect + warmup + measure + 60
         for line in process.stdout:
             event = json.loads(line)
             if event["event"] == "connected" and on_connected is not None:
@@ -201,6 +261,7 @@ def run_client(
             if time.monotonic() > deadline:
                 break
     finally:
+        watchdog.cancel()
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:
@@ -210,10 +271,11 @@ def run_client(
 
 
 def one_run(
-    mode: str, clients: int, deliveries: float, measure: float, out: Path
+    mode: str, server_name: str, clients: int, deliveries: float, measure: float, out: Path
 ) -> dict[str, Any]:
     rate = deliveries / clients
-    server, port = start_server(mode, rate, out / f"{mode}-{clients}.log")
+    log = out / f"{mode}-{server_name}-{clients}.log"
+    server, port = start_server(mode, server_name, rate, log, clients)
     publisher = None
     path = "/naive" if mode == "naive" else "/v1/topics"
     memory: dict[str, Any] = {}
@@ -259,29 +321,33 @@ def one_run(
         if publisher is not None:
             publisher.stop()
         stop_server(server)
-    result.update(mode=mode, offered=deliveries, rate=rate, **memory)
+    result.update(mode=mode, server=server_name, offered=deliveries, rate=rate, **memory)
     return result
 
 
-def idle_memory(clients: int, out: Path) -> float:
-    """KiB of worker memory per idle subscriber (no messages flowing)."""
-    server, port = start_server("pubsub", 0, out / "idle.log")
+def idle_memory(server_name: str, clients: int, out: Path) -> dict[str, Any]:
+    """How one worker holds ``clients`` idle subscribers (no messages flowing): how many the
+    client opened, the worker's descriptors and KiB of memory per connection while all are held."""
+    server, port = start_server("pubsub", server_name, 0, out / f"idle-{server_name}.log", clients)
+    seen: dict[str, Any] = {"server": server_name, "clients": clients}
     try:
         time.sleep(1)
-        rss0 = worker_rss_kib(server)
-        seen: dict[str, float] = {}
+        rss0, fds0 = worker_rss_kib(server), worker_fds(server)
 
         def connected(event: dict[str, Any]) -> None:
+            # The client holds every connection for the warm-up below: read the worker meanwhile.
             time.sleep(2)
+            seen.update(open=event["open"], failed=event["failed"])
+            seen["held"] = worker_fds(server) - fds0
             seen["kib"] = (worker_rss_kib(server) - rss0) / max(1, event["open"])
 
-        run_client(f"ws://127.0.0.1:{port}/v1/topics/{TOPIC}/stream", clients, 0.1, 0.1, connected)
+        run_client(f"ws://127.0.0.1:{port}/v1/topics/{TOPIC}/stream", clients, 5.0, 0.1, connected)
     finally:
         stop_server(server)
-    return seen.get("kib", float("nan"))
+    return seen
 
 
-def conditions() -> str:
+def conditions(servers: str, soft: int, hard: int) -> str:
     cpu = next(
         (
             line.split(":", 1)[1].strip()
@@ -294,22 +360,24 @@ def conditions() -> str:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
         f"{os.cpu_count()} CPUs ({cpu}), load average before the run {load}; Python "
-        f"{platform.python_version()}, Node {node}; Pub/Sub emulator on loopback; one Hypercorn "
-        "worker (uvloop); load client: one Node.js process; all on the same machine."
+        f"{platform.python_version()}, Node {node}; Pub/Sub emulator on loopback; one worker of "
+        f"{servers} (uvloop); load client: one Node.js process; open files limit {soft:,} "
+        f"(hard {hard:,}); all on the same machine."
     )
 
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| design | clients | offered/s | delivered/s | p50 ms | p99 ms | max ms | dropped | open "
-        "| worker CPU | CPU µs/delivery | client CPU | KiB/conn |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| design | server | clients | offered/s | delivered/s | p50 ms | p99 ms | max ms | dropped "
+        "| open | worker CPU | CPU µs/delivery | client CPU | KiB/conn |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         kib = r.get("per_connection_kib")
         cpu, per, client = r.get("worker_cpu"), r.get("cpu_us_per_delivery"), r.get("client_cpu")
         lines.append(
-            f"| {r['mode']} | {r['clients']} | {r['offered']:.0f} | {r.get('per_second', 0):.0f} | "
+            f"| {r['mode']} | {r['server']} | {r['clients']} | {r['offered']:.0f} "
+            f"| {r.get('per_second', 0):.0f} | "
             f"{r.get('p50_ms')} | {r.get('p99_ms')} | {r.get('max_ms')} | {r.get('dropped', 0)} | "
             f"{r.get('open')}/{r['clients']} | {'' if cpu is None else f'{cpu:.0%}'} | "
             f"{'' if per is None else f'{per:.1f}'} | {'' if client is None else f'{client:.0%}'} | "
@@ -318,11 +386,37 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def parse_servers(value: str) -> list[str]:
+    """``--server``: one of :data:`~devtools.servers.SERVERS`, or several comma-separated."""
+    servers = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in servers if name not in SERVERS]
+    if unknown or not servers:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(SERVERS)} (comma-separated)")
+    return list(dict.fromkeys(servers))
+
+
+def idle_line(idle: dict[str, Any]) -> str:
+    return (
+        f"- {idle['server']}: {idle.get('open', 0):,} of {idle['clients']:,} open "
+        f"({idle.get('failed', 0):,} failed), the worker holding {idle.get('held', 0):,} more "
+        f"descriptors than before, {idle.get('kib', float('nan')):.1f} KiB per connection"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--server",
+        type=parse_servers,
+        default=["hypercorn"],
+        help="server(s) for every design, comma-separated (runs interleaved): "
+        + ", ".join(SERVERS),
+    )
     parser.add_argument("--deliveries", type=float, default=50_000)
     parser.add_argument("--measure", type=float, default=8.0)
-    parser.add_argument("--clients", default="100,1000,5000")
+    parser.add_argument(
+        "--clients", default="100,1000,5000", help="comma-separated counts (0: only --idle)"
+    )
     parser.add_argument("--naive-all", action="store_true")
     parser.add_argument("--modes", default="ceiling,pubsub,naive", help="designs to run")
     parser.add_argument(
@@ -344,6 +438,15 @@ def main() -> int:
     args = parser.parse_args()
     if args.write and (args.offer_compression or args.compression):
         parser.error("--write records the default setup: run the compression variants without it")
+    modes = [mode for mode in args.modes.split(",") if mode]
+    if not modes or set(modes) - set(APPS):
+        parser.error(f"--modes: choose from {', '.join(APPS)}")
+    clients_list = [int(c) for c in args.clients.split(",") if int(c or 0) > 0]
+    try:
+        soft, hard = raise_fd_limit(max([*clients_list, args.idle]))
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     # Read by the load client and by start_server.
     os.environ["BENCH_OFFER_DEFLATE"] = "1" if args.offer_compression else "0"
     os.environ["BENCH_SERVER_COMPRESSION"] = "1" if args.compression else "0"
@@ -352,38 +455,54 @@ def main() -> int:
 
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
-    header = conditions()
+    header = conditions(", ".join(args.server), soft, hard)
     emulator = PubSubEmulator().start()
     os.environ["PUBSUB_EMULATOR_HOST"] = emulator.host
     results: list[dict[str, Any]] = []
+    idles: list[dict[str, Any]] = []
     try:
         from google.cloud import pubsub_v1
 
         admin = pubsub_v1.PublisherClient()
         admin.create_topic(name=admin.topic_path(PROJECT, TOPIC))
         admin.stop()
-        for clients in [int(c) for c in args.clients.split(",")]:
-            for mode in args.modes.split(","):
+        for clients in clients_list:
+            for mode in modes:
                 if mode == "naive" and clients > 100 and not args.naive_all:
                     continue
-                result = one_run(mode, clients, args.deliveries, args.measure, out)
-                print(json.dumps(result), flush=True)
-                results.append(result)
-        idle = idle_memory(args.idle, out) if args.idle else float("nan")
-        print(json.dumps({"idle_kib_per_connection": idle}), flush=True)
+                for server in args.server:  # interleaved: each design under every server in turn
+                    result = one_run(mode, server, clients, args.deliveries, args.measure, out)
+                    print(json.dumps(result), flush=True)
+                    results.append(result)
+        for server in args.server if args.idle else []:
+            idles.append(idle_memory(server, args.idle, out))
+            print(json.dumps({"idle": idles[-1]}), flush=True)
     finally:
         emulator.stop()
     report = (
         f"Conditions: {header}\n\nOffered load {args.deliveries:.0f} deliveries/s, "
-        f"measured over {args.measure:g} s after a 3 s warm-up.\n\n{table(results)}\n\n"
-        f"Idle memory: {idle:.1f} KiB per connection ({args.idle:,} idle websockets, worker RSS).\n"
+        f"measured over {args.measure:g} s after a 3 s warm-up.\n\n{table(results)}\n"
     )
+    if args.offer_compression:
+        report += "".join(
+            f"\n{r['mode']} ({r['server']}, {r['clients']} clients): permessage-deflate "
+            f"negotiated on {r.get('deflated', 0)} of {r.get('open')} connections"
+            for r in results
+        )
+        report += "\n"
+    if idles:
+        report += (
+            f"\nIdle: {args.idle:,} idle websockets on one worker (no messages), read from the "
+            "worker's /proc while the client held them all:\n"
+            + "\n".join(idle_line(idle) for idle in idles)
+            + "\n"
+        )
     print(report)
     if args.write:
         write_section(
             "Streams",
             [
-                f"`python -m bench.stream --measure {args.measure:g} --write`",
+                f"`python -m bench.stream {' '.join(sys.argv[1:])}`",
                 "",
                 *report.splitlines(),
             ],

@@ -1,4 +1,4 @@
-"""What the Flask peers share: the request parsing of loopgate's publish call."""
+"""What the Flask and FastAPI peers share: the request parsing of loopgate's publish call."""
 
 from __future__ import annotations
 
