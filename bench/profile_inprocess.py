@@ -215,6 +215,7 @@ def run_in_process(args: argparse.Namespace) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="loopgate-bench-metrics-")
     emulator = PubSubEmulator()
     saved = dict(os.environ)
+    os.environ["GRPC_VERBOSITY"] = "ERROR"  # not a line per wrk started (gRPC's fork handlers)
     try:
         emulator.start()
         os.environ["PUBSUB_EMULATOR_HOST"] = emulator.host
@@ -223,7 +224,6 @@ def run_in_process(args: argparse.Namespace) -> int:
             del os.environ[key]
         os.environ.update(
             {
-                "GRPC_VERBOSITY": "ERROR",  # not a line per wrk started (gRPC's fork handlers)
                 "LOOPGATE_PROJECT": PROJECT,
                 "LOOPGATE_AUTH": "disabled",
                 "LOOPGATE_TOPICS": TOPIC,
