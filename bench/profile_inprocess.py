@@ -8,7 +8,9 @@ its CPU is not counted. Rounds alternate the access log variants on the one runn
   environment variable for each line);
 * ``loopgate-atoms``: the logger loopgate installs (``service/server/hypercorn/access_log.py``), if
   this tree has it;
-* ``no-access-log``: no access log at all, for its cost.
+* ``no-access-log``: no access log at all, for its cost;
+* ``convert-every-response``: loopgate's access log, and quart-schema's conversion of every
+  response as quart-schema installs it (loopgate skips it for responses that need none).
 
 Absolute numbers depend on what else the machine runs; compare the variants of one run.
 """
@@ -61,28 +63,96 @@ def _layer(path: str) -> str:
     return "other (stdlib, C, unknown)"
 
 
-def _variants(config: Any) -> dict[str, Callable[[], None]]:
-    """Each access log variant, as what puts it in place on the running server's ``config``."""
-    from hypercorn.logging import Logger
+def _variants(config: Any, app: Any) -> dict[str, Callable[[], None]]:
+    """Each variant, as what puts it in place on the running server's ``config`` and ``app``."""
+    import types
 
-    made: dict[str, Any] = {"hypercorn-atoms": Logger(config)}
+    from hypercorn.logging import Logger
+    from quart import Quart
+    from quart_schema.extension import wrap_make_response
+
+    loggers: dict[str, Any] = {"hypercorn-atoms": Logger(config)}
     try:
         access_log = importlib.import_module("service.server.hypercorn.access_log")
     except ImportError:
-        pass
+        lean = loggers["hypercorn-atoms"]
     else:
-        made["loopgate-atoms"] = access_log.AccessLogger(config)
+        lean = loggers["loopgate-atoms"] = access_log.AccessLogger(config)
     off = Logger(config)
     off.access_logger = None
-    made["no-access-log"] = off
+    loggers["no-access-log"] = off
+    as_built = app.make_response
+    # quart-schema's conversion of every response, as its init_app installs it.
+    converting = wrap_make_response(types.MethodType(Quart.make_response, app))
 
-    def use(logger: Any) -> Callable[[], None]:
+    def use(logger: Any, make_response: Any) -> Callable[[], None]:
         def apply() -> None:
             config._log = logger  # the server reads config.log for every access line
+            app.make_response = make_response
 
         return apply
 
-    return {name: use(logger) for name, logger in made.items()}
+    variants = {name: use(logger, as_built) for name, logger in loggers.items()}
+    variants["convert-every-response"] = use(lean, converting)
+    return variants
+
+
+async def _micro(config: Any, app: Any, variants: dict[str, Callable[[], None]]) -> None:
+    """Tight loops over the two pieces the variants change: one access line (atoms, the JSON
+    formatter, the write to /dev/null) and one ``make_response`` of a publish answer."""
+    from quart import Response
+
+    request = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": URL_PATH,
+        "raw_path": URL_PATH.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"127.0.0.1:8080"),
+            (b"content-length", b"100"),
+            (b"content-type", b"application/json"),
+        ],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8080),
+    }
+    response = {
+        "type": "http.response.start",
+        "status": 200,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"27"),
+            (b"x-request-id", b"0123456789abcdef0123456789abcdef"),
+            (b"date", b"Wed, 02 Dec 2026 01:00:00 GMT"),
+            (b"server", b"hypercorn-h11"),
+        ],
+    }
+    count = 5000
+
+    async def best(step: Callable[[], Any]) -> float:
+        times = []
+        for _ in range(5):
+            start = time.process_time()
+            for _ in range(count):
+                await step()
+            times.append(time.process_time() - start)
+        return 1e6 * min(times) / count
+
+    print(
+        f"\ntight loops, best of 5 x {count} (us per call), {len(os.environ)} environment "
+        "variables:\n\n| variant | one access line | make_response of a publish answer |"
+        "\n|---|---:|---:|"
+    )
+    for name, apply in variants.items():
+        apply()
+        logger = config.log
+        line = await best(lambda logger=logger: logger.access(request, response, 0.001))
+        async with app.app_context():
+            made = await best(lambda: app.make_response(Response('{"messageIds":["1"]}', 200)))
+        print(f"| {name} | {line:.1f} | {made:.1f} |")
 
 
 async def _wrk(port: int, body_file: Path, connections: int, duration: float) -> int:
@@ -153,6 +223,13 @@ async def _serve_and_measure(args: argparse.Namespace, scratch: Path) -> None:
         "formatter": "json",
     }
     config.logconfig_dict = logging_config
+    if args.stub_publisher:
+        from service.clients.pubsub.publisher import Publisher
+
+        async def publish(self: Publisher, topic: str, messages: Any) -> list[str]:
+            return [str(index) for index in range(len(messages))]
+
+        Publisher.publish = publish  # type: ignore[method-assign]
     app = create_app()
     stop = asyncio.Event()
     server = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
@@ -172,8 +249,10 @@ async def _serve_and_measure(args: argparse.Namespace, scratch: Path) -> None:
                 await asyncio.sleep(0.2)
         made = type(config.log)  # the logger the server made, before the variants replace it
         print(f"the server's own access logger: {made.__module__}.{made.__qualname__}")
-        variants = _variants(config)
+        variants = _variants(config, app)
         wanted = [name for name in args.variants.split(",") if name in variants]
+        if args.micro:
+            await _micro(config, app, {name: variants[name] for name in wanted})
         await _wrk(port, body_file, args.connections, 1)  # warm-up
         cpu: dict[str, list[float]] = {name: [] for name in wanted}
         for _ in range(args.rounds):
@@ -184,12 +263,15 @@ async def _serve_and_measure(args: argparse.Namespace, scratch: Path) -> None:
                 cpu[name].append(1e6 * (time.process_time() - before) / requests)
         print(
             f"\nCPU of this process per request (us), {args.connections} connections, "
-            f"{args.messages} message(s), {args.rounds} rounds of {args.duration:.0f} s each:\n"
+            f"{args.messages} message(s), {args.rounds} rounds of {args.duration:.0f} s each"
+            f"{', publisher stubbed' if args.stub_publisher else ''}:\n"
         )
-        print("| access log | median | rounds |\n|---|---:|---|")
+        print("| variant | median | best | rounds |\n|---|---:|---:|---|")
         for name in wanted:
             rounds = ", ".join(f"{value:.0f}" for value in cpu[name])
-            print(f"| {name} | {statistics.median(cpu[name]):.0f} | {rounds} |")
+            print(
+                f"| {name} | {statistics.median(cpu[name]):.0f} | {min(cpu[name]):.0f} | {rounds} |"
+            )
         if args.profile:
             variants[wanted[0]]()
             profile = cProfile.Profile()

@@ -9,10 +9,13 @@ own time. The collapsed stacks stay in ``bench/out/`` for a flame graph::
 
 ``--in-process`` serves loopgate with Hypercorn in this very process instead (one worker, the
 settings of hypercorn.toml, the access log written to /dev/null through loopgate's JSON formatter)
-and loads it with wrk, in short rounds that alternate the access log variants (Hypercorn's own
-atoms, loopgate's, none) so that noise from the rest of the machine falls on each alike. It prints
-this process's CPU per request (``time.process_time``: every thread, gRPC's included) for each
-variant, then, with ``--profile``, a cProfile of one more round (own time by layer and function)::
+and loads it with wrk, in short rounds that alternate variants (the access log with Hypercorn's
+atoms, with loopgate's, none; quart-schema converting every response) so that noise from the rest
+of the machine falls on each alike. It prints this process's CPU per request
+(``time.process_time``: every thread, gRPC's included) for each variant, then, with
+``--profile``, a cProfile of one more round (own time by layer and function). With
+``--stub-publisher`` the publisher answers at once without calling Pub/Sub: what is left is
+loopgate's own path, without gRPC and without the batch sizes that vary with the emulator::
 
     python -m bench.profile_publish --in-process [--rounds 3] [--duration 2] [--profile]
 """
@@ -83,9 +86,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="--in-process: rounds per variant")
     parser.add_argument("--profile", action="store_true", help="--in-process: cProfile a round")
     parser.add_argument(
+        "--micro", action="store_true", help="--in-process: tight loops of the variants first"
+    )
+    parser.add_argument(
+        "--stub-publisher", action="store_true", help="--in-process: no Pub/Sub calls"
+    )
+    parser.add_argument(
         "--variants",
-        default="hypercorn-atoms,loopgate-atoms,no-access-log",
-        help="--in-process: access log variants to alternate",
+        default="hypercorn-atoms,loopgate-atoms,no-access-log,convert-every-response",
+        help="--in-process: variants to alternate (see bench/profile_inprocess.py)",
     )
     return parser.parse_args(argv)
 
