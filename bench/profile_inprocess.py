@@ -10,7 +10,8 @@ its CPU is not counted. Rounds alternate the access log variants on the one runn
   this tree has it;
 * ``no-access-log``: no access log at all, for its cost;
 * ``convert-every-response``: loopgate's access log, and quart-schema's conversion of every
-  response as quart-schema installs it (loopgate skips it for responses that need none).
+  response as quart-schema installs it (loopgate skips it for responses that need none);
+* ``upstream-both``: Hypercorn's atoms and quart-schema's conversion of every response, as before.
 
 Absolute numbers depend on what else the machine runs; compare the variants of one run.
 """
@@ -94,6 +95,7 @@ def _variants(config: Any, app: Any) -> dict[str, Callable[[], None]]:
 
     variants = {name: use(logger, as_built) for name, logger in loggers.items()}
     variants["convert-every-response"] = use(lean, converting)
+    variants["upstream-both"] = use(loggers["hypercorn-atoms"], converting)
     return variants
 
 

@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--variants",
-        default="hypercorn-atoms,loopgate-atoms,no-access-log,convert-every-response",
+        default="upstream-both,hypercorn-atoms,convert-every-response,loopgate-atoms,no-access-log",
         help="--in-process: variants to alternate (see bench/profile_inprocess.py)",
     )
     return parser.parse_args(argv)
