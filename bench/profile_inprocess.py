@@ -2,7 +2,7 @@
 
 The CPU this process uses per request is what one worker spends on a publish (``time.process_time``
 counts every thread of the process: the event loop's and gRPC's). wrk runs as a child process, so
-its CPU is not counted. Rounds alternate the access log variants on the one running server:
+its CPU is not counted. Rounds alternate these variants on the one running server:
 
 * ``hypercorn-atoms``: Hypercorn's own ``Logger`` (its atoms copy every header and every
   environment variable for each line);
@@ -14,6 +14,8 @@ its CPU is not counted. Rounds alternate the access log variants on the one runn
 * ``upstream-both``: Hypercorn's atoms and quart-schema's conversion of every response, as before.
 
 Absolute numbers depend on what else the machine runs; compare the variants of one run.
+``GRPC_ENABLE_FORK_SUPPORT=false`` in the environment spares the line gRPC logs each time wrk is
+started.
 """
 
 from __future__ import annotations
@@ -299,7 +301,6 @@ def run_in_process(args: argparse.Namespace) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="loopgate-bench-metrics-")
     emulator = PubSubEmulator()
     saved = dict(os.environ)
-    os.environ["GRPC_VERBOSITY"] = "ERROR"  # not a line per wrk started (gRPC's fork handlers)
     try:
         emulator.start()
         os.environ["PUBSUB_EMULATOR_HOST"] = emulator.host
