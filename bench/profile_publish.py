@@ -6,6 +6,18 @@ package (the innermost frame of a known package gets the sample) and the functio
 own time. The collapsed stacks stay in ``bench/out/`` for a flame graph::
 
     python -m bench.profile_publish [--setup loopgate] [--connections 256] [--duration 20]
+
+``--in-process`` serves loopgate with Hypercorn in this very process instead (one worker, the
+settings of hypercorn.toml, the access log written to /dev/null through loopgate's JSON formatter)
+and loads it with wrk, in short rounds that alternate variants (the access log with Hypercorn's
+atoms, with loopgate's, none; quart-schema converting every response) so that noise from the rest
+of the machine falls on each alike. It prints this process's CPU per request
+(``time.process_time``: every thread, gRPC's included) for each variant, then, with
+``--profile``, a cProfile of one more round (own time by layer and function). With
+``--stub-publisher`` the publisher answers at once without calling Pub/Sub: what is left is
+loopgate's own path, without gRPC and without the batch sizes that vary with the emulator::
+
+    python -m bench.profile_publish --in-process [--rounds 3] [--duration 2] [--profile]
 """
 
 from __future__ import annotations
@@ -71,6 +83,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=16, help="threads per gunicorn worker")
     parser.add_argument("--top", type=int, default=25, help="functions to list")
+    parser.add_argument(
+        "--in-process", action="store_true", help="serve in this process, CPU per request"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="--in-process: rounds per variant")
+    parser.add_argument("--profile", action="store_true", help="--in-process: cProfile a round")
+    parser.add_argument(
+        "--micro", action="store_true", help="--in-process: tight loops of the variants first"
+    )
+    parser.add_argument(
+        "--stub-publisher", action="store_true", help="--in-process: no Pub/Sub calls"
+    )
+    parser.add_argument(
+        "--variants",
+        default="upstream-both,hypercorn-atoms,convert-every-response,loopgate-atoms,no-access-log",
+        help="--in-process: variants to alternate (see bench/profile_inprocess.py)",
+    )
     return parser.parse_args(argv)
 
 
@@ -154,6 +182,10 @@ def batch_sizes(base_url: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.in_process:
+        from .profile_inprocess import run_in_process
+
+        return run_in_process(args)
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists() or shutil.which("wrk") is None:
         print(

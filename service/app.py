@@ -7,7 +7,6 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from quart import Quart
-from quart_schema import Info, QuartSchema
 
 from . import gctune, metrics, server
 from .auth import limits
@@ -18,7 +17,7 @@ from .config import Settings, load_settings
 from .error_responses import register_error_handlers
 from .logs import configure_logging, init_loop_logging, init_request_ids
 from .loopclients import ClientSpec, LoopClients
-from .openapi import LoopgateOpenAPIProvider
+from .openapi import init_openapi
 from .routes import health, publish, storage, subscribe
 from .streams.gate import GATE
 from .streams.hub import FANOUT
@@ -43,13 +42,7 @@ def create_app(
     configure_logging(settings.log_format, settings.log_level)
     app = Quart("loopgate")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.config["QUART_SCHEMA_CONVERT_CASING"] = False
-    QuartSchema(
-        app,
-        info=Info(title="loopgate", version="0.1.0"),
-        security_schemes=SECURITY_SCHEMES,
-        openapi_provider_class=LoopgateOpenAPIProvider,
-    )
+    init_openapi(app, security_schemes=SECURITY_SCHEMES)
     init_request_ids(app)
     init_auth(app, settings)
     app.extensions[limits.EXTENSION] = limits.Limiter(settings)

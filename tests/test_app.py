@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import create_topic_at, make_settings
-from quart import Quart, websocket
+import quart_schema.extension
+from conftest import Topic, create_topic_at, make_settings
+from pydantic import BaseModel
+from quart import Quart, Response, websocket
 
 from devtools.emulators import PubSubEmulator
 from service import ClientSpec, create_app, gctune, get_http, get_publisher
@@ -220,3 +223,58 @@ async def test_a_body_that_is_not_utf8_is_400(app: Quart) -> None:
     )
     assert response.status_code == 400
     assert (await response.get_json())["error"]["status"] == "INVALID_ARGUMENT"
+
+
+class Order(BaseModel):
+    order_id: str
+    lines: int
+
+
+@dataclasses.dataclass
+class Receipt:
+    order_id: str
+
+
+async def test_responses_are_converted_only_when_they_hold_something_to_convert(
+    app: Quart, topic: Topic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    converted: list[Any] = []
+    convert = quart_schema.extension.convert_response_return_value
+
+    def counting(result: Any) -> Any:
+        converted.append(result)
+        return convert(result)
+
+    monkeypatch.setattr(quart_schema.extension, "convert_response_return_value", counting)
+
+    @app.get("/test/model")
+    async def model() -> Order:
+        return Order(order_id="o-1", lines=2)
+
+    @app.get("/test/dataclass")
+    async def dataclass() -> tuple[Receipt, int, dict[str, str]]:
+        return Receipt(order_id="o-2"), 201, {"X_Receipt": "yes"}
+
+    @app.get("/test/response")
+    async def response() -> tuple[Response, int, dict[str, str]]:
+        return Response("done"), 202, {"X-Done": "yes"}
+
+    client = app.test_client()
+    answer = await client.get("/test/model")
+    assert (await answer.get_json()) == {"order_id": "o-1", "lines": 2}
+    answer = await client.get("/test/dataclass")
+    assert answer.status_code == 201 and answer.headers["X-Receipt"] == "yes"
+    assert (await answer.get_json()) == {"order_id": "o-2"}
+    assert (await client.get("/healthz")).status_code == 200  # a dict, converted as before
+    assert len(converted) == 3
+    converted.clear()
+
+    answer = await client.get("/test/response")
+    assert answer.status_code == 202 and answer.headers["X-Done"] == "yes"
+    assert (await answer.get_data()) == b"done"
+    publish = await client.post(
+        f"/v1/topics/{topic.name}:publish", json={"messages": [{"data": "aGk="}]}
+    )
+    assert publish.status_code == 200 and len((await publish.get_json())["messageIds"]) == 1
+    assert (await client.get("/nope")).status_code == 404  # an error handler's answer
+    assert converted == []

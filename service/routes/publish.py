@@ -26,7 +26,7 @@ from ..auth.access import requires
 from ..auth.limits import publish_limited
 from ..clients import get_publisher
 from ..clients.pubsub.messages import OutgoingMessage
-from ..config import current_settings
+from ..config import Settings, current_settings
 from ..errors import (
     ErrorResponse,
     InvalidArgument,
@@ -140,8 +140,9 @@ class PublishResponse(BaseModel):
 Error = ErrorResponse
 
 
-def check_topic(topic: str) -> None:
-    """Validate a topic's short name and the allowlist.
+def check_topic(topic: str, settings: Settings | None = None) -> None:
+    """Validate a topic's short name and the allowlist (of ``settings``, by default the current
+    app's).
 
     Raises:
         InvalidArgument: the name breaks Pub/Sub's rules.
@@ -152,7 +153,7 @@ def check_topic(topic: str) -> None:
             f"invalid topic name {topic[:300]!r}: 3-255 characters, starting with a letter, of "
             "letters, digits and - _ . ~ + %, not starting with 'goog'"
         )
-    if not current_settings().topic_allowed(topic):
+    if not (settings if settings is not None else current_settings()).topic_allowed(topic):
         raise TopicNotFound(topic, reason="is not served here")
 
 
@@ -174,7 +175,8 @@ async def _body() -> bytes:
 
 
 async def _publish(topic: str) -> Response:
-    check_topic(topic)
+    settings = current_settings()  # once: each lookup goes through the app's client registry
+    check_topic(topic, settings)
     try:
         # Validated straight from the bytes by pydantic-core: no separate JSON parse.
         body = REQUEST_ADAPTER.validate_json(await _body())
@@ -183,7 +185,7 @@ async def _publish(topic: str) -> Response:
     messages = to_outgoing(body)
     try:
         publisher = await get_publisher()
-        ids = await publisher.publish(current_settings().topic_path(topic), messages)
+        ids = await publisher.publish(settings.topic_path(topic), messages)
     except ServiceError as exc:
         metrics.PUBLISH_REQUESTS.labels(outcome=type(exc).__name__).inc()
         raise

@@ -6,6 +6,8 @@
 * :mod:`.websocket_limit`: a websocket message over the size limit stops being buffered once it
   has been refused;
 * :mod:`.half_close`: an idle connection closed at once when its client closes it;
+* :mod:`.access_log`: access lines that compute only the atoms they read (Hypercorn's copy every
+  header and environment variable for each line);
 * :mod:`.shutdown`: the stop event a Hypercorn master hands its workers, which the stream
   connections' gate polls (:func:`watch_shutdown` has nothing more to do).
 """
@@ -16,7 +18,7 @@ from collections.abc import Callable
 
 from ...config import Settings
 from ..shutdown_hooks import ShutdownGate
-from . import close, deflate, half_close, websocket_limit
+from . import access_log, close, deflate, half_close, websocket_limit
 
 __all__ = ["install", "watch_shutdown"]
 
@@ -27,6 +29,7 @@ def install(settings: Settings) -> None:
     close.bound_close()
     websocket_limit.keep_limit()
     half_close.close_when_read_ends()
+    access_log.use_lean_atoms()
 
 
 def watch_shutdown(gate: ShutdownGate) -> Callable[[], None]:
