@@ -259,7 +259,14 @@ GRACEFUL_TIMEOUT_FLAGS = {
 
 
 def graceful_timeout(server: str, seconds: int) -> list[str]:
-    """The arguments that set ``server``'s graceful timeout to ``seconds``."""
+    """The arguments that set ``server``'s graceful timeout to ``seconds``.
+
+    Granian's master kills a worker at the end of it, before the app's lifespan shutdown if that
+    has not run yet, and a worker first holds its shutdown back for up to 5 s while its stream
+    connections close (service/server/granian/shutdown.py): Granian gets at least 8 s.
+    """
+    if server == "granian":
+        seconds = max(seconds, 8)
     return [GRACEFUL_TIMEOUT_FLAGS[server], str(seconds)]
 
 
