@@ -11,8 +11,9 @@ starts and the gate is created.
 module: the first SIGTERM or SIGINT closes the gate on the loop (websockets closed with 1001, SSE
 streams ended, subscriptions deleted), waits until no stream connection is left, for at most
 :data:`DRAIN_SECONDS` (and never more than half uvicorn's graceful timeout), then hands the signal
-to uvicorn, whose own shutdown follows as before. Any later signal goes to uvicorn at once (a
-second Ctrl+C still forces the exit).
+to uvicorn, whose own shutdown follows as before. A second SIGINT goes to uvicorn at once (a
+third Ctrl+C still forces the exit); a SIGTERM that comes meanwhile (a supervisor's, after a
+terminal's Ctrl+C reached every process) is handed on with the first.
 
 A single uvicorn process raises the signal again once its shutdown is done, so it ends as killed
 by SIGTERM; its supervisor (``--workers`` 2 or more) exits 0.
