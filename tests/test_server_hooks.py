@@ -97,7 +97,7 @@ async def test_uvicorn_gets_the_signal_once_the_stream_connections_are_gone(
     assert signal.getsignal(signal.SIGTERM) == server.handle_exit
 
 
-async def test_uvicorn_gets_a_second_sigint_at_once_and_the_first_signal_in_time(
+async def test_uvicorn_gets_a_second_sigint_at_once_after_the_first(
     signal_handlers: None,
 ) -> None:
     server = uvicorn.Server(uvicorn.Config(_app, timeout_graceful_shutdown=1))
@@ -108,9 +108,24 @@ async def test_uvicorn_gets_a_second_sigint_at_once_and_the_first_signal_in_time
     signal.raise_signal(signal.SIGINT)
     await asyncio.wait_for(gate.closed.wait(), WAIT)
     assert not server.should_exit
-    signal.raise_signal(signal.SIGINT)  # Ctrl+C again: no waiting
-    assert server.should_exit and not server.force_exit
-    await until(lambda: server.force_exit)  # the first, handed on after half the graceful timeout
+    signal.raise_signal(signal.SIGINT)  # Ctrl+C again: uvicorn forces its exit, at once
+    assert server.should_exit and server.force_exit
+    unwatch()
+
+
+async def test_uvicorn_gets_the_signal_when_the_streams_take_too_long(
+    signal_handlers: None,
+) -> None:
+    server = uvicorn.Server(uvicorn.Config(_app, timeout_graceful_shutdown=1))
+    for sig in SIGNALS:
+        signal.signal(sig, server.handle_exit)
+    gate = Gate()  # never idle: a client that reads nothing
+    unwatch = uvicorn_shutdown.watch_shutdown(gate)
+    signal.raise_signal(signal.SIGTERM)
+    await asyncio.wait_for(gate.closed.wait(), WAIT)
+    assert not server.should_exit
+    await until(lambda: server.should_exit)  # after half the graceful timeout
+    assert not server.force_exit
     unwatch()
 
 

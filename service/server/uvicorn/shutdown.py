@@ -11,9 +11,9 @@ starts and the gate is created.
 module: the first SIGTERM or SIGINT closes the gate on the loop (websockets closed with 1001, SSE
 streams ended, subscriptions deleted), waits until no stream connection is left, for at most
 :data:`DRAIN_SECONDS` (and never more than half uvicorn's graceful timeout), then hands the signal
-to uvicorn, whose own shutdown follows as before. A second SIGINT goes to uvicorn at once (a
-third Ctrl+C still forces the exit); a SIGTERM that comes meanwhile (a supervisor's, after a
-terminal's Ctrl+C reached every process) is handed on with the first.
+to uvicorn, whose own shutdown follows as before. A second SIGINT meanwhile hands both to uvicorn
+at once (a second Ctrl+C still forces the exit); a SIGTERM that comes meanwhile (a supervisor's,
+after a terminal's Ctrl+C reached every process) is handed on with the first.
 
 A single uvicorn process raises the signal again once its shutdown is done, so it ends as killed
 by SIGTERM; its supervisor (``--workers`` 2 or more) exits 0.
@@ -105,12 +105,12 @@ class _HoldBack:
             if self._released or self._loop.is_closed():
                 original(sig, frame)
             elif self._holding:
-                # A second Ctrl+C is for uvicorn at once; a SIGTERM (a supervisor's, after the
-                # Ctrl+C of a terminal reached every process) waits with the first signal.
+                # A SIGTERM (a supervisor's, after the Ctrl+C of a terminal reached every
+                # process) waits with the first signal. A second Ctrl+C is for uvicorn at once,
+                # after the first: uvicorn then forces its exit, as it would have.
+                self._held.append((sig, original))
                 if sig == signal.SIGINT:
-                    original(sig, frame)
-                else:
-                    self._held.append((sig, original))
+                    self._hand_on()
             else:
                 self._holding = True
                 self._held.append((sig, original))
@@ -133,10 +133,14 @@ class _HoldBack:
                     self._seconds,
                 )
         finally:
-            self._released = True
-            held, self._held = self._held, []
-            for sig, original in held:
-                original(sig, None)
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        """Give uvicorn every signal held back, in the order they came."""
+        self._released = True
+        held, self._held = self._held, []
+        for sig, original in held:
+            original(sig, None)
 
 
 def _nothing() -> None:
