@@ -319,6 +319,8 @@ async def test_sigterm_ends_a_worker_whose_subscriber_reads_nothing(
     # what it holds for a client that reads nothing; the close is bounded (service/server/hypercorn/close.py).
     # On Python 3.12+ asyncio's Server.wait_closed() also waits for every connection
     # (pgjones/hypercorn#308): this test would hang there too if that bit; CI runs it on 3.13.
+    # uvloop's does not wait (the loop of hypercorn.toml and of the uvicorn and Granian flags);
+    # uvicorn awaits it within its graceful timeout; Granian serves connections from Rust.
     server = await start_server(
         {"LOOPGATE_STREAM_QUEUE_SIZE": "100"},
         args=graceful_timeout(server_name, 2),
