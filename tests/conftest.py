@@ -254,6 +254,39 @@ def server_name(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+# Each server's graceful timeout on its command line (for Granian: how long its master waits for
+# a worker to stop before it kills it).
+GRACEFUL_TIMEOUT_FLAGS = {
+    "hypercorn": "--graceful-timeout",
+    "uvicorn": "--timeout-graceful-shutdown",
+    "granian": "--workers-kill-timeout",
+}
+
+
+def graceful_timeout(server: str, seconds: int) -> list[str]:
+    """The arguments that set ``server``'s graceful timeout to ``seconds``.
+
+    Granian's master kills a worker at the end of it, before the app's lifespan shutdown if that
+    has not run yet, and a worker first holds its shutdown back for up to 5 s while its stream
+    connections close (service/server/granian/shutdown.py): Granian gets at least 8 s.
+    """
+    if server == "granian":
+        seconds = max(seconds, 8)
+    return [GRACEFUL_TIMEOUT_FLAGS[server], str(seconds)]
+
+
+def clean_exits(server: str, workers: int = 1) -> set[int]:
+    """The exit codes of ``server`` stopped by SIGTERM once its shutdown went well.
+
+    A single uvicorn process (``--workers 1``: no supervisor) raises the signal again once its
+    shutdown is done, so that it ends as killed by SIGTERM, as uvicorn means it to
+    (Kludex/uvicorn#1600); its supervisor, with more workers, exits 0.
+    """
+    if server == "uvicorn" and workers == 1:
+        return {-signal.SIGTERM}
+    return {0}
+
+
 @pytest.fixture
 def start_server(tmp_path: Path, pubsub_emulator: PubSubEmulator) -> Iterator[Callable[..., Any]]:
     servers: list[Server] = []

@@ -6,13 +6,14 @@ import asyncio
 import base64
 import json
 import os
+import re
 import signal
 import socket
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import WAIT, Server, Topic, metric_value
+from conftest import WAIT, Server, Topic, clean_exits, graceful_timeout, metric_value
 
 pytestmark = [pytest.mark.server, pytest.mark.emulator]
 
@@ -25,6 +26,27 @@ def websocket_handshake(path: str) -> bytes:
     ).encode()
 
 
+def without_granian_panics(log: str) -> list[str]:
+    """``log``'s lines without the panics of Granian's Rust runtime.
+
+    Granian 2.8 often panics as a worker's process ends with a websocket it still holds (here,
+    the one whose client reads nothing): "Cannot drop pointer into Python heap without the
+    thread being attached" (emmett-framework/granian#799, #884), written by its runtime to stderr,
+    with loopgate's shutdown hook or without it. The worker still exits; nothing in the app can
+    format those lines.
+    """
+    lines: list[str] = []
+    in_panic = False
+    for line in log.splitlines():
+        if re.match(r"thread '[^']*' \(\d+\) panicked at ", line):
+            in_panic = True
+        elif line.startswith("{"):
+            in_panic = False
+        if not in_panic:
+            lines.append(line)
+    return lines
+
+
 async def drops(session: aiohttp.ClientSession, server: Server, topic: str) -> float:
     async with session.get(f"{server.url}/metrics") as response:
         text = await response.text()
@@ -32,13 +54,14 @@ async def drops(session: aiohttp.ClientSession, server: Server, topic: str) -> f
 
 
 async def test_sigterm_with_a_subscriber_that_reads_nothing_logs_only_json(
-    start_server: Any, topic: Topic
+    start_server: Any, topic: Topic, server_name: str
 ) -> None:
     # The subscriber's connection is still writing when Hypercorn cancels it at the graceful
     # timeout; the cancelled connection used to end in the event loop's own plain-text traceback.
     server = await start_server(
         {"LOOPGATE_STREAM_QUEUE_SIZE": "100", "LOOPGATE_LOG_LEVEL": "DEBUG"},
-        args=["--graceful-timeout", "2"],
+        args=graceful_timeout(server_name, 2),
+        server=server_name,
     )
     subscriber = socket.socket()
     subscriber.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -63,10 +86,12 @@ async def test_sigterm_with_a_subscriber_that_reads_nothing_logs_only_json(
     finally:
         subscriber.close()
     log = server.log()
-    assert code == 0, log
-    assert "reset" in log  # the connection was cut while it was still writing
+    assert code in clean_exits(server_name), log
+    if server_name == "hypercorn":
+        assert "reset" in log  # the connection was cut while it was still writing
+    assert "refused to gracefully stop" not in log  # Granian's master killed the worker
     entries = []
-    for line in log.splitlines():
+    for line in without_granian_panics(log) if server_name == "granian" else log.splitlines():
         if line.strip():
             try:
                 entries.append(json.loads(line))

@@ -7,6 +7,9 @@ shutdown itself:
 
 * a Hypercorn worker (``workers >= 1``) is told to stop through a multiprocessing event that its
   master sets on SIGTERM/SIGINT; the gate polls that same event, as Hypercorn does, every 0.1 s;
+* under uvicorn and Granian, the worker's first SIGTERM or SIGINT, through the running server's
+  ``watch_shutdown`` (``service/server/{uvicorn,granian}/shutdown.py``), which then holds the
+  server's own shutdown back until :meth:`ConnectionGate.drained`, for a few seconds at most;
 * the worker's parent (the Hypercorn master) disappearing;
 * the lifespan shutdown, as a last resort (single-process ``workers = 0`` serving, test clients).
 
