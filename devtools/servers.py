@@ -76,10 +76,14 @@ def granian_command(
 
 # The production flags of each server, as the README lists them.
 UVICORN_FLAGS: tuple[str, ...] = (
-    "--loop", "uvloop", "--http", "httptools", "--lifespan", "on",
-    "--timeout-graceful-shutdown", "20", "--timeout-keep-alive", "75", "--backlog", "2048",
-    "--ws-max-size", "262144", "--ws-per-message-deflate", "false", "--no-server-header",
+    "--loop", "uvloop", "--lifespan", "on",
+    # uvicorn's httptools protocol with a bounded and timed request head (431 over the size
+    # below), and websocket compression as LOOPGATE_STREAM_COMPRESSION says: service/server/uvicorn.
+    "--http", "service.server.uvicorn.adapt:HttpToolsProtocol",
     "--h11-max-incomplete-event-size", "16384",
+    "--ws", "websockets-sansio", "--ws-max-size", "262144", "--ws-per-message-deflate", "true",
+    "--timeout-graceful-shutdown", "20", "--timeout-keep-alive", "75", "--backlog", "2048",
+    "--no-server-header",
 )  # fmt: skip
 GRANIAN_FLAGS: tuple[str, ...] = (
     "--interface", "asgi", "--loop", "uvloop", "--backlog", "2048",
