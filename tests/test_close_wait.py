@@ -20,9 +20,11 @@ from typing import Any
 import pytest
 from conftest import WAIT, Topic
 
+from devtools.servers import keep_alive_args
+
 TCP_TABLES = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
 ESTABLISHED, CLOSE_WAIT = 0x01, 0x08
-KEEP_ALIVE = ["--keep-alive", "600"]  # far beyond WAIT: Hypercorn's own close comes too late
+KEEP_ALIVE = 600  # seconds, far beyond WAIT: the server's own close comes too late (granian: 60)
 
 pytestmark = pytest.mark.skipif(
     not TCP_TABLES[0].exists(), reason="reads the kernel's TCP table (/proc/net/tcp, Linux)"
@@ -93,9 +95,9 @@ async def assert_established(server_port: int, client_ports: list[int]) -> None:
 
 
 async def test_idle_connections_their_clients_closed_leave_no_close_wait(
-    start_server: Any,
+    start_server: Any, server_name: str
 ) -> None:
-    server = await start_server(args=KEEP_ALIVE)
+    server = await start_server(args=keep_alive_args(server_name, KEEP_ALIVE), server=server_name)
     ports: list[int] = []
     writers: list[asyncio.StreamWriter] = []
     for _ in range(3):
@@ -118,7 +120,7 @@ async def test_idle_connections_their_clients_closed_leave_no_close_wait(
 async def test_a_client_that_half_closes_after_its_request_gets_the_answer_and_the_close(
     start_server: Any,
 ) -> None:
-    server = await start_server(args=KEEP_ALIVE)
+    server = await start_server(args=keep_alive_args("hypercorn", KEEP_ALIVE))
     readers: list[asyncio.StreamReader] = []
     writers: list[asyncio.StreamWriter] = []
     for _ in range(3):
@@ -153,7 +155,9 @@ async def test_streams_their_clients_closed_end_and_leave_no_close_wait(
 ) -> None:
     # No heartbeat within the wait: an SSE stream must end when its client goes, not when a
     # heartbeat finds the connection gone.
-    server = await start_server({"LOOPGATE_STREAM_HEARTBEAT": "600"}, args=KEEP_ALIVE)
+    server = await start_server(
+        {"LOOPGATE_STREAM_HEARTBEAT": "600"}, args=keep_alive_args("hypercorn", KEEP_ALIVE)
+    )
     writers: list[asyncio.StreamWriter] = []
     for _ in range(2):
         # An SSE subscriber, past its first event.

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 from conftest import WAIT, Topic
 from hypercorn.protocol.ws_stream import FrameTooLargeError, WebsocketBuffer
-from test_auth_access import worker_pids
+from test_hostile_clients import worker_pid
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message, Request, TextMessage
 
 from service.server.hypercorn import websocket_limit
 
-OVER_LIMIT = "x" * (256 * 1024 + 1000)  # over hypercorn.toml's websocket_max_message_size
+OVER_LIMIT = "x" * (256 * 1024 + 1000)  # over each server's websocket message limit (256 KiB)
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -72,16 +72,25 @@ async def send_after_the_limit(port: int, path: str, frames: int) -> int | None:
 @pytest.mark.server
 @pytest.mark.emulator
 async def test_a_client_that_goes_on_sending_after_1009_does_not_grow_the_worker(
-    start_server: Any, topic: Topic
+    start_server: Any, topic: Topic, server_name: str, request: pytest.FixtureRequest
 ) -> None:
-    server = await start_server()
-    (worker,) = worker_pids(server.process.pid)
+    if server_name == "granian":
+        # Granian's websockets have no message limit to set: tungstenite's defaults (64 MiB a
+        # message, 16 MiB a frame) apply, so every frame here reaches the app and none is refused.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="granian has no message limit"))
+    server = await start_server(server=server_name)
+    worker = worker_pid(server)
     before = peak_rss_mib(worker)
     path = f"/v1/topics/{topic.name}/stream"
     codes = await asyncio.wait_for(
         asyncio.gather(*(send_after_the_limit(server.port, path, 40) for _ in range(20))),
         WAIT * 4,
     )
-    assert 1009 in codes
     # Without the bound every connection kept what it was sent: the peak grew by about 200 MiB.
-    assert peak_rss_mib(worker) - before < 80
+    grown = peak_rss_mib(worker) - before
+    assert grown < 80, f"the worker grew {grown:.0f} MiB"
+    if server_name == "uvicorn":
+        # uvicorn closes the connection right after its 1009 while the client is still sending:
+        # the client is reset, and none of the 20 read the close frame (the worker kept nothing).
+        request.applymarker(pytest.mark.xfail(strict=True, reason="uvicorn resets, no 1009 read"))
+    assert 1009 in codes

@@ -56,12 +56,23 @@ _EXPECTED = (
     "connection_lost",
 )
 _EXTENSIONS = b"sec-websocket-extensions"
-_TOO_LARGE_BODY = json.dumps(
-    error_body(431, "the request head is too large", "REQUEST_HEADER_FIELDS_TOO_LARGE")
-).encode()
-_TOO_LARGE = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-    b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_TOO_LARGE_BODY), _TOO_LARGE_BODY)
+LINGER = 2.0  # seconds a refused connection's further data is read and dropped before closing
+
+
+def _refusal(status: bytes, body: dict[str, Any]) -> bytes:
+    content = json.dumps(body).encode()
+    return (
+        b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: %d\r\n\r\n%s" % (status, len(content), content)
+    )
+
+
+_TOO_LARGE = _refusal(
+    b"431 Request Header Fields Too Large",
+    error_body(431, "the request head is too large", "REQUEST_HEADER_FIELDS_TOO_LARGE"),
+)
+_INVALID = _refusal(
+    b"400 Bad Request", error_body(400, "invalid HTTP request (its framing or its head)")
 )
 
 _compression = False
@@ -112,6 +123,7 @@ class HttpToolsProtocol(httptools_impl.HttpToolsProtocol):
         self._head_size = 0  # of the open head, counted by what the parser handed over
         self._head_too_large = False
         self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -122,6 +134,8 @@ class HttpToolsProtocol(httptools_impl.HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # what a refused client still sends is dropped, until it closes
         self._head_began = False
         super().data_received(data)
         if not self._head_open or self.transport.is_closing():
@@ -163,10 +177,10 @@ class HttpToolsProtocol(httptools_impl.HttpToolsProtocol):
             self._arm_head_timer()
 
     def send_400_response(self, msg: str) -> None:
-        if self._head_too_large:
-            self._refuse_head()
-        else:
-            super().send_400_response(msg)
+        # uvicorn's answer is plain text, and it closes at once (see _refuse); the client's
+        # end of the connection closes it too (eof_received returns None).
+        del msg
+        self._refuse(_TOO_LARGE if self._head_too_large else _INVALID)
 
     def _count(self, size: int) -> None:
         self._head_size += size
@@ -175,11 +189,24 @@ class HttpToolsProtocol(httptools_impl.HttpToolsProtocol):
             raise ValueError("request head too large")  # httptools stops parsing
 
     def _refuse_head(self) -> None:
+        self._refuse(_TOO_LARGE)
+
+    def _refuse(self, response: bytes) -> None:
+        """Answer ``response`` and end the connection. Closing at once, with the client's
+        data unread, would reset the connection, and the client could lose the answer: the
+        server's side is shut, what the client still sends is dropped, and the connection
+        closes when the client closes it or after :data:`LINGER` seconds."""
         self._head_too_large = False
         self._head_open = False
         self._disarm_head_timer()
-        if not self.transport.is_closing():
-            self.transport.write(_TOO_LARGE)
+        if self._refused or self.transport.is_closing():
+            return
+        self._refused = True
+        self.transport.write(response)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(LINGER, self.transport.close)
+        else:
             self.transport.close()
 
     def _head_open_or_idle(self) -> bool:
