@@ -20,7 +20,14 @@ the production flags (devtools/servers.py). A head larger than ``--h11-max-incom
 ``--timeout-keep-alive`` of the connection's start or of the previous response's end, however
 slowly it comes; the ``Sec-WebSocket-Extensions`` offer is dropped before the websocket
 handshake unless :func:`install` was told compression is on, so the websocket protocol
-negotiates none (``--ws-per-message-deflate true`` lets it negotiate when it is on).
+negotiates none (``--ws-per-message-deflate true`` lets it negotiate when it is on). A request
+uvicorn cannot parse (ambiguous framing among them) is answered with loopgate's JSON 400 instead
+of uvicorn's plain text, and a refused connection's side is shut first and what the client still
+sends dropped for :data:`LINGER` seconds: closing at once with its data unread resets the
+connection, and the client may lose the answer.
+
+Not covered: after a websocket 1009, uvicorn closes at once too, so a client still sending is
+reset and may not read the close frame (the worker keeps nothing it was sent).
 
 It reaches into uvicorn's protocol class (its parser callbacks, ``data_received``,
 ``send_400_response``, ``on_response_complete`` and the ``headers`` it hands the websocket
