@@ -13,17 +13,62 @@ limits are the production flags of devtools/servers.py:
 
 What Granian does not offer, and the tests mark as such: a websocket message limit (tungstenite's
 64 MiB a message applies: no 1009 for a 256 KiB frame), websocket compression (never negotiated,
-whatever ``LOOPGATE_STREAM_COMPRESSION`` says), a timeout for a connection that never sends a
-byte, and a refused websocket handshake's status (it takes the refusal's body in one message
-only; Quart sends it in several, so the client gets 403). Its own access log has no size and no
-request id: loopgate writes the access log instead (:class:`service.logs.AccessLog`).
+whatever ``LOOPGATE_STREAM_COMPRESSION`` says), and a timeout for a connection that never sends
+a byte. Its own access log has no size and no request id: loopgate writes the access log
+instead (:class:`service.logs.AccessLog`).
+
+:class:`WholeRefusals` is the one thing loopgate adds, at the ASGI level: Granian takes a
+refused websocket handshake's body (ASGI's denial response, added in emmett-framework/granian#771)
+in one message only, raising "Unsupported ASGI message" at a second; Quart sends it in several,
+so the client got 403 instead of the refusal's 401, 403 or 429. The middleware sends the body
+in one message.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
+from typing import Any
+
 from ...config import Settings
+
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 def install(settings: Settings) -> None:
     """Adapt Granian (once per process, however often it is called): nothing to change."""
     del settings
+
+
+class WholeRefusals:
+    """ASGI middleware: a refused websocket handshake's body reaches the server in one message."""
+
+    def __init__(self, app: Callable[[Any, Any, Any], Coroutine[Any, Any, None]]) -> None:
+        self.app = app
+
+    def __call__(self, scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]:
+        if scope["type"] == "websocket":
+            send = _OneBody(send)
+        return self.app(scope, receive, send)
+
+
+class _OneBody:
+    """A websocket's ``send`` that joins a refusal's body; every other message passes on."""
+
+    __slots__ = ("_parts", "_send")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._parts: list[bytes] = []
+
+    def __call__(self, message: MutableMapping[str, Any]) -> Awaitable[None]:
+        if message["type"] != "websocket.http.response.body":
+            return self._send(message)
+        self._parts.append(bytes(message.get("body", b"")))
+        if message.get("more_body", False):
+            return _done()
+        body, self._parts = b"".join(self._parts), []
+        return self._send({"type": "websocket.http.response.body", "body": body})
+
+
+async def _done() -> None:
+    pass
