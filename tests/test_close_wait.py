@@ -226,8 +226,8 @@ async def test_a_connection_whose_head_does_not_come_is_closed_after_the_keep_al
     try:
         for reader, _ in (slow, silent):
             with contextlib.suppress(ConnectionError):
-                # Ten times the timeout: a server that keeps it closes long before.
-                assert await asyncio.wait_for(reader.read(65536), 10) == b""
+                # Five times the timeout: a server that keeps it closes long before.
+                assert await asyncio.wait_for(reader.read(65536), 5) == b""
     finally:
         trickling.cancel()
         for _, writer in (silent, slow):
