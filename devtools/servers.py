@@ -81,7 +81,8 @@ UVICORN_FLAGS: tuple[str, ...] = (
     # below), and websocket compression as LOOPGATE_STREAM_COMPRESSION says: service/server/uvicorn.
     "--http", "service.server.uvicorn.adapt:HttpToolsProtocol",
     "--h11-max-incomplete-event-size", "16384",
-    "--ws", "websockets-sansio", "--ws-max-size", "262144", "--ws-per-message-deflate", "true",
+    "--ws", "service.server.uvicorn.adapt:WebSocketsSansIOProtocol",
+    "--ws-max-size", "262144", "--ws-per-message-deflate", "true",
     "--timeout-graceful-shutdown", "20", "--timeout-keep-alive", "75", "--backlog", "2048",
     "--no-server-header",
     # loopgate writes the access log (service/logs.py AccessLog): uvicorn's has no size nor duration.

@@ -89,10 +89,16 @@ def test_the_uvicorn_protocol_is_loopgates_for_this_version() -> None:
     assert adapt.FITS, f"uvicorn {uvicorn.__version__} is not one adapt.py was checked against"
     assert adapt.HttpToolsProtocol is not HttpToolsProtocol
     assert issubclass(adapt.HttpToolsProtocol, HttpToolsProtocol)
-    assert "--http" in UVICORN_FLAGS
-    assert UVICORN_FLAGS[UVICORN_FLAGS.index("--http") + 1] == (
-        "service.server.uvicorn.adapt:HttpToolsProtocol"
-    )
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    assert issubclass(adapt.WebSocketsSansIOProtocol, WebSocketsSansIOProtocol)
+    assert adapt.WebSocketsSansIOProtocol is not WebSocketsSansIOProtocol
+
+    def value(flag: str) -> str:
+        return UVICORN_FLAGS[UVICORN_FLAGS.index(flag) + 1]
+
+    assert value("--http") == "service.server.uvicorn.adapt:HttpToolsProtocol"
+    assert value("--ws") == "service.server.uvicorn.adapt:WebSocketsSansIOProtocol"
 
 
 async def test_a_head_over_the_limit_is_431_and_one_under_it_is_served() -> None:

@@ -91,9 +91,4 @@ async def test_a_client_that_goes_on_sending_after_1009_does_not_grow_the_worker
     # Without the bound every connection kept what it was sent: the peak grew by about 200 MiB.
     grown = peak_rss_mib(worker) - before
     assert grown < 80, f"the worker grew {grown:.0f} MiB"
-    if server_name == "uvicorn":
-        # uvicorn closes the connection at once after its 1009 (and again when the app's handler
-        # ends) while the client is still sending: the client is reset, and none of the 20 read
-        # the close frame. The worker kept nothing it was sent (checked above).
-        request.applymarker(pytest.mark.xfail(strict=True, reason="uvicorn resets, no 1009 read"))
     assert 1009 in codes

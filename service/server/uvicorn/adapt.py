@@ -26,8 +26,13 @@ of uvicorn's plain text, and a refused connection's side is shut first and what 
 sends dropped for :data:`LINGER` seconds: closing at once with its data unread resets the
 connection, and the client may lose the answer.
 
-Not covered: after a websocket 1009, uvicorn closes at once too, so a client still sending is
-reset and may not read the close frame (the worker keeps nothing it was sent).
+The same holds for a websocket whose client sent a message over ``--ws-max-size``: uvicorn's
+websockets protocol sends its 1009 and closes at once (and again when the app's handler ends), so
+a client still sending was reset before it could read the close frame, and the app's next send
+raised an error that was logged as the app's. :class:`WebSocketsSansIOProtocol` (``--ws
+service.server.uvicorn.adapt:WebSocketsSansIOProtocol``) shuts its side after the 1009, drops
+what the client still sends, closes after :data:`LINGER` seconds at most, and drops what the app
+sends after it (the app has its ``websocket.disconnect``).
 
 It reaches into uvicorn's protocol class (its parser callbacks, ``data_received``,
 ``send_400_response``, ``on_response_complete`` and the ``headers`` it hands the websocket
@@ -45,6 +50,7 @@ from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http import httptools_impl
+from uvicorn.protocols.websockets import websockets_sansio_impl
 
 from ...config import Settings
 from ...errors import error_body
@@ -99,8 +105,15 @@ def _uvicorn_version() -> tuple[int, ...]:
 def shape_fits() -> bool:
     """Whether uvicorn's httptools protocol is one loopgate's additions fit (logs when not)."""
     version = _uvicorn_version()
-    fits = SUPPORTED[0] <= version < SUPPORTED[1] and all(
-        callable(getattr(httptools_impl.HttpToolsProtocol, name, None)) for name in _EXPECTED
+    fits = (
+        SUPPORTED[0] <= version < SUPPORTED[1]
+        and all(
+            callable(getattr(httptools_impl.HttpToolsProtocol, name, None)) for name in _EXPECTED
+        )
+        and all(
+            callable(getattr(websockets_sansio_impl.WebSocketsSansIOProtocol, name, None))
+            for name in ("data_received", "handle_parser_exception", "send")
+        )
     )
     if not fits:
         log.warning(
@@ -235,5 +248,40 @@ class HttpToolsProtocol(httptools_impl.HttpToolsProtocol):
             self.transport.close()
 
 
+class WebSocketsSansIOProtocol(websockets_sansio_impl.WebSocketsSansIOProtocol):
+    """uvicorn's websockets protocol, whose close after a protocol error (1009 for a message
+    over the limit) the client can read."""
+
+    _lingering = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # after the close: dropped, neither parsed nor kept
+        super().data_received(data)
+
+    def handle_parser_exception(self) -> None:
+        if not self.transport.can_write_eof():
+            super().handle_parser_exception()
+            return
+        # uvicorn's, with its side shut instead of the connection closed; the close timer keeps
+        # the end of the app's handler from closing the connection at once.
+        assert self.conn.close_sent is not None
+        code, reason = self.conn.close_sent.code, self.conn.close_sent.reason
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self._lingering = True
+        self.transport.write_eof()
+        self.close_timer = self.loop.call_later(LINGER, self.transport.close)
+
+    async def send(self, message: Any) -> None:
+        if self._lingering:
+            # Dropped, as Hypercorn drops what is sent after a close: the app learns of the end
+            # from its websocket.disconnect, instead of an error from its next send.
+            return
+        await super().send(message)
+
+
 if not FITS:
     HttpToolsProtocol = httptools_impl.HttpToolsProtocol  # type: ignore[assignment,misc]  # uvicorn's own
+    WebSocketsSansIOProtocol = websockets_sansio_impl.WebSocketsSansIOProtocol  # type: ignore[assignment,misc]
