@@ -76,10 +76,12 @@ async def test_a_client_that_goes_on_sending_after_1009_does_not_grow_the_worker
 ) -> None:
     wait = WAIT
     if server_name == "granian":
-        # Granian's websockets have no message limit to set: tungstenite's defaults (64 MiB a
-        # message, 16 MiB a frame) apply, so every frame here reaches the app and none is refused.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="granian has no message limit"))
-        wait = 3  # no close comes: the test need not wait long to see it
+        # Granian has no message limit of its own: loopgate closes with 1009 at the first message
+        # over it (service/server/granian), but granian then ends the connection while the
+        # client is still sending, and the client is reset before it reads the close (none of
+        # the 20 did). Nothing to be had from Python: the connection is granian's, in Rust.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="granian resets, no 1009 read"))
+        wait = 3  # no close is read: the test need not wait long to see it
     server = await start_server(server=server_name)
     worker = worker_pid(server)
     before = peak_rss_mib(worker)
