@@ -76,15 +76,41 @@ def granian_command(
 
 # The production flags of each server, as the README lists them.
 UVICORN_FLAGS: tuple[str, ...] = (
-    "--loop", "uvloop", "--http", "httptools", "--lifespan", "on",
-    "--timeout-graceful-shutdown", "20", "--timeout-keep-alive", "75", "--backlog", "2048",
-    "--ws-max-size", "262144", "--ws-per-message-deflate", "false", "--no-server-header",
+    "--loop", "uvloop", "--lifespan", "on",
+    # uvicorn's httptools protocol with a bounded and timed request head (431 over the size
+    # below), and websocket compression as LOOPGATE_STREAM_COMPRESSION says: service/server/uvicorn.
+    "--http", "service.server.uvicorn.adapt:HttpToolsProtocol",
     "--h11-max-incomplete-event-size", "16384",
+    "--ws", "service.server.uvicorn.adapt:WebSocketsSansIOProtocol",
+    "--ws-max-size", "262144", "--ws-per-message-deflate", "true",
+    "--timeout-graceful-shutdown", "20", "--timeout-keep-alive", "75", "--backlog", "2048",
+    "--no-server-header",
+    # loopgate writes the access log (service/logs.py AccessLog): uvicorn's has no size nor duration.
+    "--no-access-log",
 )  # fmt: skip
 GRANIAN_FLAGS: tuple[str, ...] = (
     "--interface", "asgi", "--loop", "uvloop", "--backlog", "2048",
-    "--workers-kill-timeout", "20", "--access-log",
+    # The request head: 16 KiB at most over HTTP/1.1 (431 above), and over HTTP/2 (h2c).
+    "--http1-buffer-size", "16384", "--http2-max-headers-size", "16384",
+    "--http2-max-concurrent-streams", "100",
+    # Granian's one idle timer: a head must be complete this long (ms) after the previous
+    # response (or after its first byte); 60 s is granian's largest. See service/server/granian.
+    "--http1-header-read-timeout", "60000",
+    # Connections served at once per worker, streams included: above the gate's
+    # LOOPGATE_STREAM_MAX_CONNECTIONS (10 000), so that the gate refuses the excess with a clear
+    # answer instead of granian leaving it unaccepted.
+    "--backpressure", "12288",
+    "--workers-kill-timeout", "20",
 )  # fmt: skip
+
+
+def keep_alive_args(server: str, seconds: int) -> list[str]:
+    """The flags that set ``server``'s keep-alive timeout (granian's is at most 60 s)."""
+    if server == "hypercorn":
+        return ["--keep-alive", str(seconds)]
+    if server == "uvicorn":
+        return ["--timeout-keep-alive", str(seconds)]
+    return ["--http1-header-read-timeout", str(min(seconds, 60) * 1000)]
 
 
 def _factory(app: str) -> list[str]:

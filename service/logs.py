@@ -14,6 +14,12 @@ server of asyncio (which Hypercorn uses) reports one for every connection task t
 as Hypercorn's connections still open at its graceful timeout do (CPython issue gh-113538; its fix,
 python/cpython#113690, is not in the Python 3.11.7 this was seen on).
 
+Under uvicorn and granian the access log is :class:`AccessLog`, an ASGI middleware writing the
+same fields through ``loopgate.access``: uvicorn's own access line is written when the response
+starts (no size, no duration) and holds the query string, granian's has no size and no request
+id. Their own access logs are off in the production flags (devtools/servers.py); if one is turned
+on, the formatter writes its lines without the query string too.
+
 Credentials and message data are never passed to a logger. As a second line of defence the formatter
 masks anything that looks like a bearer credential, a JWT or an ``access_token`` parameter.
 """
@@ -29,8 +35,9 @@ import os
 import re
 import ssl
 import sys
+import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, MutableMapping
 from typing import Any
 
 from quart import Quart, Response, g, has_websocket_context, request, websocket
@@ -53,6 +60,7 @@ principal_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 _loop_log = logging.getLogger("loopgate.loop")
+_access_log = logging.getLogger("loopgate.access")
 
 _HANDLER_MARK = "_loopgate_handler"
 # Named fields a record may carry (``extra={FIELDS: {...}}``), written as they are in JSON.
@@ -67,6 +75,32 @@ _ACCESS_FIELDS = {
     "b": "bytes",
     "D": "duration_us",
 }
+
+
+_SERVER_ACCESS_LOGGERS = ("uvicorn.access", "granian.access")
+
+
+def _server_access_fields(record: logging.LogRecord, entry: dict[str, Any]) -> None:
+    """uvicorn's access record (its args: client, method, path with the query string, HTTP
+    version, status) or granian's (a mapping of its atoms) as named fields, without the query
+    string."""
+    args = record.args
+    if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
+        remote, method, full_path, protocol, status = args
+        path = str(full_path).partition("?")[0]
+        entry.update(remote=remote, method=method, path=path, protocol=protocol, status=str(status))
+    elif isinstance(args, Mapping) and "path" in args:
+        atoms: Mapping[str, Any] = args
+        path, method, status = atoms["path"], atoms.get("method"), atoms.get("status")
+        entry.update(remote=atoms.get("addr"), method=method, path=path, status=str(status))
+        entry.update(protocol=atoms.get("protocol"), duration_us=int(atoms.get("dt_ms", 0) * 1000))
+    else:
+        entry["message"] = redact(record.getMessage())
+        return
+    entry["message"] = f"{method} {path} {status}"
+    request_id = request_id_var.get()
+    if request_id:
+        entry["request_id"] = request_id
 
 
 def redact(text: str) -> str:
@@ -97,6 +131,8 @@ class JsonFormatter(logging.Formatter):
                 entry[name] = atoms[atom]
             entry["request_id"] = atoms["{x-request-id}o"]
             entry["message"] = f"{atoms['m']} {atoms['U']} {atoms['s']}"
+        elif record.name in _SERVER_ACCESS_LOGGERS:
+            _server_access_fields(record, entry)
         else:
             entry["message"] = redact(record.getMessage())
             request_id = getattr(record, "request_id", None) or request_id_var.get()
@@ -223,3 +259,105 @@ def init_request_ids(app: Quart) -> None:
         if response is not None and request_id:
             response.headers[REQUEST_ID_HEADER] = request_id
         return response
+
+
+ASGIApp = Callable[[Any, Any, Any], Coroutine[Any, Any, None]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+class AccessLog:
+    """ASGI middleware that writes one access line per request through ``loopgate.access``,
+    with the fields of Hypercorn's (``remote``, ``method``, ``path`` without the query string,
+    ``protocol``, ``status``, ``bytes``, ``duration_us``, ``request_id``).
+
+    An HTTP request is logged once its response has been sent; a websocket once its handshake
+    is answered (``101``, a refusal's status, or ``403`` for a close before the accept; its
+    ``bytes`` are ``-``), so a stream's line does not wait for its end and its frames pass
+    through a plain call.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    def __call__(self, scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]:
+        kind = scope["type"]
+        if kind == "http" and _access_log.isEnabledFor(logging.INFO):
+            return self._http(scope, receive, send)
+        if kind == "websocket" and _access_log.isEnabledFor(logging.INFO):
+            return self.app(scope, receive, _WebsocketAccess(scope, send))
+        return self.app(scope, receive, send)
+
+    async def _http(self, scope: Any, receive: Any, send: Send) -> None:
+        start = time.perf_counter_ns()
+        response: dict[str, Any] = {"status": 0, "bytes": 0, "request_id": None}
+
+        async def logged_send(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                response["bytes"] += len(message.get("body", b""))
+            elif message["type"] == "http.response.start":
+                response["status"] = message["status"]
+                response["request_id"] = _request_id(message.get("headers", ()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, logged_send)
+        finally:
+            _log_access(scope, response["status"], response["bytes"], start, response["request_id"])
+
+
+class _WebsocketAccess:
+    """A websocket's ``send`` that logs the answer to its handshake, then only passes frames on."""
+
+    __slots__ = ("_scope", "_send", "_start")
+
+    def __init__(self, scope: Any, send: Send) -> None:
+        self._scope: Any = scope
+        self._send = send
+        self._start = time.perf_counter_ns()
+
+    def __call__(self, message: MutableMapping[str, Any]) -> Awaitable[None]:
+        if self._scope is not None:
+            kind = message["type"]
+            if kind == "websocket.accept":
+                self._done(101, message.get("headers", ()))
+            elif kind == "websocket.http.response.start":  # a refusal, with its status
+                self._done(message["status"], message.get("headers", ()))
+            elif kind == "websocket.close":  # before the accept: the server answers 403
+                self._done(403, ())
+        return self._send(message)
+
+    def _done(self, status: int, headers: Any) -> None:
+        _log_access(self._scope, status, None, self._start, _request_id(headers))
+        self._scope = None  # logged: the rest are frames
+
+
+_REQUEST_ID_NAME = REQUEST_ID_HEADER.lower().encode()
+
+
+def _request_id(headers: Any) -> str | None:
+    for name, value in headers:
+        if name.lower() == _REQUEST_ID_NAME:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def _log_access(
+    scope: Any, status: int, size: int | None, start: int, request_id: str | None
+) -> None:
+    client = scope.get("client")
+    remote = f"{client[0]}:{client[1]}" if client else None
+    method = scope.get("method", "GET")
+    path = scope.get("path", "")
+    fields = {
+        "remote": remote,
+        "method": method,
+        "path": path,
+        "protocol": scope.get("http_version", "ws"),
+        "status": str(status) if status else "-",
+        "bytes": "-" if size is None else str(size),
+        "duration_us": (time.perf_counter_ns() - start) // 1000,
+        "request_id": request_id,
+    }
+    _access_log.info(
+        "%s %s %s", method, path, fields["status"], extra={FIELDS: fields, "request_id": request_id}
+    )

