@@ -85,6 +85,9 @@ UVICORN_FLAGS: tuple[str, ...] = (
     "--ws-max-size", "262144", "--ws-per-message-deflate", "true",
     "--timeout-graceful-shutdown", "20", "--timeout-keep-alive", "75", "--backlog", "2048",
     "--no-server-header",
+    # With --workers, uvicorn's supervisor kills a worker that does not answer its health check
+    # within this many seconds (5 by default: a worker still starting on a busy host was killed).
+    "--timeout-worker-healthcheck", "30",
     # loopgate writes the access log (service/logs.py AccessLog): uvicorn's has no size nor duration.
     "--no-access-log",
 )  # fmt: skip
