@@ -18,7 +18,7 @@ from quart import Quart
 from quart.testing.connections import WebsocketResponseError
 
 from service import create_app
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, StreamClosed
 from service.streams import catchup
 from service.streams.cursor import (
     MAX_LENGTH,
@@ -423,3 +423,27 @@ async def test_an_event_source_resumes_with_its_last_event_id_header(
     assert subscribed["resumed"] is True and subscribed["complete"] is True
     events = [block for block in text.split("\n\n") if block.startswith("id: ")]
     assert [json.loads(e.split("data: ", 1)[1])["messageId"] for e in events] == missed
+
+
+async def test_a_shutdown_during_a_catch_up_deletes_its_subscription(
+    pubsub_emulator: Any, admin: PubSubAdmin
+) -> None:
+    topic = _retained_topic(admin)
+    async with _app() as app:
+        hub = await _hub(app)
+        async with hub.subscribe(topic) as listener:
+            _publish(admin, topic, 1, prefix="seen")
+            [seen] = await _collect(listener, 1)
+    _publish(admin, topic, 5, prefix="missed")
+    async with _app() as app:
+        hub = await _hub(app)
+        async with hub.subscribe(topic, cursor=decode_cursor(seen.cursor, topic)) as resuming:
+            await asyncio.wait_for(resuming.get(), WAIT)  # the catch-up has begun
+            hub.gate.close("test")
+            with pytest.raises(StreamClosed) as closed:
+                async with asyncio.timeout(WAIT):
+                    while True:
+                        await resuming.get()
+            assert closed.value.code == 1001
+    assert hub.running_tasks == 0
+    assert _subscriptions_of(admin, topic, "catchup") == []
