@@ -14,7 +14,7 @@ reconnecting here is replayed from (:meth:`Feed.join`).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import metrics
 from ..clients.pubsub.streaming_pull import StreamingPull
@@ -23,6 +23,9 @@ from .cursor import topic_tag
 from .frames import Chunk, Frame, encode_message
 from .history import History
 from .subscriber_queue import Bell, Listener
+
+if TYPE_CHECKING:
+    from .catchup import CatchUp
 
 
 class Feed:
@@ -45,8 +48,8 @@ class Feed:
         self.resuming: set[Listener] = set()  # subscribers not yet joined (see :meth:`join`)
         self.tag = topic_tag(topic)  # of the topic's resume cursors
         self.history = History(settings)
-        self.catchup: Any = None  # the topic's CatchUp from Pub/Sub while one runs
-        self.retention: asyncio.Task[float] | None = None  # the topic's, in seconds
+        self.catchup: CatchUp | None = None  # the topic's catch-up from Pub/Sub while one runs
+        self.retention: asyncio.Task[float | None] | None = None  # the topic's, in seconds
         self.created: asyncio.Task[None] | None = None  # creates the subscription, starts the pull
         self.pull: StreamingPull | None = None
         self.linger: asyncio.TimerHandle | None = None  # the retirement after the last one left

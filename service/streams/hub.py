@@ -23,6 +23,13 @@ streaming pull resumes by itself after errors (see :mod:`service.clients.pubsub.
 when the subscription is gone (an emulator restart, a deleted topic) it is created again, and
 connected subscribers receive again once it is back. Once a second the hub also updates the
 deliveries and queue-depth metrics, ends idle streams and asks for SSE heartbeats.
+
+A subscriber that reconnects with the cursor of the last message it received
+(:mod:`service.streams.cursor`) is first given what it missed: from the topic's recent history in
+this worker (:mod:`service.streams.history`) when it reaches back that far, else from Pub/Sub's
+retention of the topic (:mod:`service.streams.catchup`), then joins the live stream
+(:meth:`Feed.join <service.streams.feed.Feed.join>`). Until it joins it is not among the feed's
+listeners: its replay never delays the hand-over to the others.
 """
 
 from __future__ import annotations
@@ -167,7 +174,12 @@ class Hub:
             return
         if feed.retention is None:
             feed.retention = self._loop.create_task(self.subscriptions.topic_retention(feed))
-        retention = await asyncio.shield(feed.retention)
+        reading = feed.retention
+        retention = await asyncio.shield(reading)
+        if retention is None:  # not known (logged): asked again by the next resume
+            if feed.retention is reading:
+                feed.retention = None
+            retention = 0.0
         since = cursor.published - REORDER_SLACK
         replay = feed.history.after(cursor)  # it may reach back far enough by now
         if replay is not None:
@@ -314,7 +326,7 @@ class Hub:
             total = 0
             for feed in list(self._feeds.values()):
                 delivered = 0
-                for listener in tuple(feed.listeners):
+                for listener in (*feed.listeners, *feed.resuming):
                     total += len(listener)
                     delivered += listener.delivered
                     listener.delivered = 0

@@ -149,10 +149,10 @@ class FanoutSubscriptions:
         except gexc.GoogleAPICallError as exc:
             raise translate(exc, topic=topic) from exc
 
-    async def topic_retention(self, feed: Feed) -> float:
-        """How long Pub/Sub retains the messages of ``feed.topic`` (seconds; 0: not at all, or
-        unknown). Read from the worker's subscription, which Pub/Sub tells it; the emulator does
-        not, so then from the topic itself."""
+    async def topic_retention(self, feed: Feed) -> float | None:
+        """How long Pub/Sub retains the messages of ``feed.topic`` (seconds; 0: not at all;
+        ``None``: it could not be read). Read from the worker's subscription, which Pub/Sub tells
+        it; the emulator does not, so then from the topic itself."""
         try:
             subscription = await self.admin.get_subscription(
                 subscription=feed.subscription, timeout=10
@@ -169,9 +169,9 @@ class FanoutSubscriptions:
                 topic=self.settings.topic_path(feed.topic), timeout=10
             )
             return _seconds(topic.message_retention_duration)
-        except gexc.GoogleAPICallError as exc:
+        except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
             log.warning("reading the retention of topic %s failed: %s", feed.topic, exc)
-            return 0.0
+            return None
 
     def _request(self, path: str, topic: str, kind: str, ack_deadline: int) -> Subscription:
         return Subscription(
