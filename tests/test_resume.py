@@ -7,10 +7,12 @@ import asyncio
 import contextlib
 import json
 import re
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 from conftest import PROJECT, WAIT, PubSubAdmin, make_settings
 from google.protobuf import duration_pb2
@@ -447,3 +449,38 @@ async def test_a_shutdown_during_a_catch_up_deletes_its_subscription(
             assert closed.value.code == 1001
     assert hub.running_tasks == 0
     assert _subscriptions_of(admin, topic, "catchup") == []
+
+
+async def test_a_websocket_closed_by_a_deploy_resumes_on_the_next_server(
+    start_server: Any, admin: PubSubAdmin
+) -> None:
+    topic = _retained_topic(admin)
+    old = await start_server()
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(f"{old.url}/v1/topics/{topic}/stream")
+        assert (await asyncio.wait_for(ws.receive_json(), WAIT))["complete"] is True
+        before = _publish(admin, topic, 3, prefix="before")
+        seen: list[dict[str, Any]] = []
+        async with asyncio.timeout(WAIT):
+            while len(seen) < 3:
+                frame = await ws.receive_json()
+                seen += frame["messages"] if frame["type"] == "messages" else [frame]
+        assert [m["messageId"] for m in seen] == before
+        old.process.send_signal(signal.SIGTERM)  # a deploy: the old instance closes with 1001
+        closing = await asyncio.wait_for(ws.receive(), WAIT)
+        assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1001
+        await asyncio.to_thread(old.stop)
+        missed = _publish(admin, topic, 10, prefix="missed")
+        new = await start_server()
+        url = f"{new.url}/v1/topics/{topic}/stream?lastEventId={seen[-1]['id']}"
+        async with session.ws_connect(url) as ws:
+            subscribed = await asyncio.wait_for(ws.receive_json(), WAIT)
+            ids: list[str] = []
+            async with asyncio.timeout(WAIT):
+                while not set(missed) <= set(ids):
+                    frame = await ws.receive_json()
+                    items = frame["messages"] if frame["type"] == "messages" else [frame]
+                    ids += [m["messageId"] for m in items]
+    assert subscribed["resumed"] is True and subscribed["complete"] is True
+    assert [i for i in ids if i in missed] == missed
+    assert set(ids) <= set(before) | set(missed)
