@@ -50,8 +50,8 @@ def topic_tag(topic: str) -> str:
 
 def encode_cursor(tag: str, published_us: int, message_id: str) -> str:
     """The cursor of a message of the topic tagged ``tag`` (see :func:`topic_tag`)."""
-    if PLAIN_ID.fullmatch(message_id):
-        written = message_id
+    if (message_id.isdigit() and message_id.isascii()) or PLAIN_ID.fullmatch(message_id):
+        written = message_id  # Pub/Sub's message ids are decimal
     else:
         written = "~" + base64.urlsafe_b64encode(message_id.encode()).decode("ascii").rstrip("=")
     cursor = f"{VERSION}.{tag}.{published_us}.{written}"
