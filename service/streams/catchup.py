@@ -12,8 +12,9 @@ subscription per topic per worker, not one per client. A round:
    :data:`~service.streams.history.REORDER_SLACK`, and notes the time, the *seam*;
 2. pulls pages of messages, each serialized once and replayed to every subscriber of the round
    whose cursor it follows, until a pull brings nothing published before the seam (plus the
-   slack); the next page is pulled once every subscriber has room for it (the slow-consumer
-   policy applies to one that takes longer than :data:`ROOM_WAIT`);
+   slack), or nothing within :data:`QUIET_TIMEOUT`; the next page is pulled once every subscriber
+   has room for it (the slow-consumer policy applies to one that takes longer than
+   :data:`ROOM_WAIT`);
 3. joins each subscriber to the live stream, after what the history holds from the seam less the
    slack: messages published near the seam may come twice, with their original messageId.
 
@@ -44,7 +45,8 @@ from .subscriptions import FanoutSubscriptions
 log = logging.getLogger("loopgate.catchup")
 
 PAGE = 1000  # messages per pull (Pub/Sub's maximum)
-PULL_TIMEOUT = 5.0  # seconds a pull waits for messages
+PULL_TIMEOUT = 5.0  # seconds the first pull after a seek waits for messages
+QUIET_TIMEOUT = 1.0  # seconds a later one waits: none by then, the backlog is delivered
 ROOM_WAIT = 10.0  # seconds a round waits for its subscribers to make room for a page
 ROOM_POLL = 0.02
 
@@ -107,11 +109,12 @@ class CatchUp:
         await self.subscriptions.seek(self.path, start, topic=self.feed.topic)
         limit = seam + REORDER_SLACK
         tag = self.feed.tag
+        timeout = PULL_TIMEOUT
         while self.round:
             await self._room()
             try:
                 response = await self.admin.pull(
-                    subscription=self.path, max_messages=PAGE, timeout=PULL_TIMEOUT
+                    subscription=self.path, max_messages=PAGE, timeout=timeout
                 )
                 received: list[Any] = list(response.received_messages)
             except (gexc.DeadlineExceeded, gexc.RetryError):
@@ -127,6 +130,7 @@ class CatchUp:
                 )
             if not old:
                 break
+            timeout = QUIET_TIMEOUT
         self._join(seam)
 
     def _join(self, seam: float) -> None:
