@@ -20,7 +20,7 @@ from quart import Quart
 from quart.testing.connections import WebsocketResponseError
 
 from service import create_app
-from service.errors import InvalidArgument, StreamClosed
+from service.errors import InvalidArgument, StreamClosed, Unavailable
 from service.streams import catchup
 from service.streams.cursor import (
     MAX_LENGTH,
@@ -484,3 +484,29 @@ async def test_a_websocket_closed_by_a_deploy_resumes_on_the_next_server(
     assert subscribed["resumed"] is True and subscribed["complete"] is True
     assert [i for i in ids if i in missed] == missed
     assert set(ids) <= set(before) | set(missed)
+
+
+async def test_a_failed_catch_up_closes_with_1013_so_the_client_resumes_again(
+    pubsub_emulator: Any, admin: PubSubAdmin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topic = _retained_topic(admin)
+    async with _app() as app:
+        hub = await _hub(app)
+        async with hub.subscribe(topic) as listener:
+            _publish(admin, topic, 1, prefix="seen")
+            [seen] = await _collect(listener, 1)
+    _publish(admin, topic, 3, prefix="missed")
+    async with _app() as app:
+        hub = await _hub(app)
+
+        async def seek_fails(*args: Any, **kwargs: Any) -> None:
+            raise Unavailable("Pub/Sub is down")
+
+        monkeypatch.setattr(hub.subscriptions, "seek", seek_fails)
+        async with hub.subscribe(topic, cursor=decode_cursor(seen.cursor, topic)) as resuming:
+            with pytest.raises(StreamClosed) as closed:
+                await asyncio.wait_for(resuming.get(), WAIT)
+        assert closed.value.code == 1013
+        async with asyncio.timeout(WAIT):
+            while _subscriptions_of(admin, topic, "catchup"):
+                await asyncio.sleep(0.05)

@@ -88,8 +88,14 @@ class CatchUp:
             await asyncio.shield(creating)
             while self.waiting:
                 await self._round()
-        except (ServiceError, gexc.GoogleAPICallError, gexc.RetryError) as exc:
-            log.warning("catching up subscribers of %s failed: %s", self.feed.topic, exc)
+        except Exception as exc:
+            expected = isinstance(exc, ServiceError | gexc.GoogleAPICallError | gexc.RetryError)
+            log.warning(
+                "catching up subscribers of %s failed: %s",
+                self.feed.topic,
+                exc,
+                exc_info=not expected,
+            )
             for listener in (*self.round, *self.waiting):
                 listener.close(CLOSE_TRY_AGAIN_LATER, "catching up failed: reconnect")
         finally:
