@@ -69,12 +69,15 @@ async def _collect(listener: Listener, count: int) -> list[str]:
 
 async def test_websocket_through_test_client(client: Any, topic: Topic) -> None:
     async with client.websocket(f"/v1/topics/{topic.name}/stream") as ws:
-        assert json.loads(await ws.receive()) == {
+        subscribed = json.loads(await ws.receive())
+        assert subscribed == {
             "type": "subscribed",
             "topic": topic.name,
+            "id": subscribed["id"],
             "resumed": False,
             "complete": True,
         }
+        assert decode_cursor(subscribed["id"], topic.name).message_id == ""  # a time alone
         response = await client.post(
             f"/v1/topics/{topic.name}:publish",
             json={

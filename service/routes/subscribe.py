@@ -1,8 +1,8 @@
 """Subscribers: websocket and Server-Sent Events streams of a topic, and queue mode.
 
 ``GET /v1/topics/{topic}/stream`` (websocket). The first frame is ``{"type": "subscribed", "topic":
-..., "resumed": false, "complete": true}`` (see *Resuming* below); every message published to the
-topic after it follows as a text frame::
+..., "id": "<cursor>", "resumed": false, "complete": true}`` (see *Resuming* below); every message
+published to the topic after it follows as a text frame::
 
     {"type": "message", "id": "<cursor>", "messageId": "...", "data": "<base64>",
      "attributes": {...}, "orderingKey": "", "publishTime": "2025-01-01T00:00:00.123456Z"}
@@ -16,16 +16,18 @@ server closes with 1001; after ``LOOPGATE_STREAM_IDLE_TIMEOUT`` seconds without 
 with 1000.
 
 ``GET /v1/topics/{topic}/events`` (``text/event-stream``): the same stream as SSE. The first event is
-the ``subscribed`` JSON; then each message is an event with ``id:`` its cursor and ``data:`` the
-same JSON as the websocket frame (never coalesced), a drop notice is an event without id, and a
-comment line is sent as a heartbeat every ``LOOPGATE_STREAM_HEARTBEAT`` seconds.
+the ``subscribed`` JSON, with its ``id:``; then each message is an event with ``id:`` its cursor
+and ``data:`` the same JSON as the websocket frame (never coalesced), a drop notice is an event
+without id, and a comment line is sent as a heartbeat every ``LOOPGATE_STREAM_HEARTBEAT`` seconds.
 
 Resuming. Every message's ``id`` is an opaque, URL-safe cursor of at most 200 bytes
 (:mod:`service.streams.cursor`) that any worker of any instance understands. A client that
 reconnects (Cloud Run ends websockets after 60 minutes; a deploy closes them all with 1001) passes
 the ``id`` of the last message it received: ``?lastEventId=<id>`` on the websocket, the
 ``Last-Event-ID`` header (what browsers' ``EventSource`` sends by itself) or ``?lastEventId=`` for
-SSE. A cursor that is malformed, or of another topic, is refused with 400 before the stream starts.
+SSE; before the first message, the ``id`` of the ``subscribed`` frame (the cursor it resumed from,
+or one of the moment it subscribed). A cursor that is malformed, or of another topic, is refused
+with 400 before the stream starts.
 The stream then starts with ``"resumed": true`` and sends first what was published after the cursor,
 then the live stream, with no gap between them:
 
@@ -85,7 +87,7 @@ from ..errors import (
     SubscriptionNotFound,
 )
 from ..server.quart_connections import WEBSOCKET_SEND_KEY
-from ..streams.cursor import Cursor, decode_cursor
+from ..streams.cursor import Cursor, decode_cursor, encode_cursor, topic_tag
 from ..streams.frames import Batch, dropped_text, websocket_texts
 from ..streams.gate import GATE
 from ..streams.hub import FANOUT
@@ -100,17 +102,19 @@ def _subscribed(**fields: object) -> str:
     return json.dumps({"type": "subscribed", **fields})
 
 
-def _cursor(topic: str, *, header: str | None = None) -> Cursor | None:
+def _cursor(topic: str, *, header: str | None = None) -> tuple[Cursor | None, str]:
     """The resume cursor a reconnecting subscriber passed (``lastEventId``, or for SSE the
-    ``Last-Event-ID`` header), checked before the stream starts.
+    ``Last-Event-ID`` header), checked before the stream starts, and the ``id`` of the stream's
+    ``subscribed`` frame: that cursor, or for a new subscriber one of this moment, so that a
+    client that reconnects before its first message still resumes.
 
     Raises:
         InvalidArgument: it is not a cursor of this topic's stream.
     """
     value = header or request_args().get("lastEventId")
     if not value:
-        return None
-    return decode_cursor(value, topic)
+        return None, encode_cursor(topic_tag(topic), int(time.time() * 1e6), "")
+    return decode_cursor(value, topic), value
 
 
 def request_args() -> Any:
@@ -146,13 +150,14 @@ async def _read_and_ignore(listener: Listener) -> None:
 async def topic_stream(topic: str) -> None:
     """Every message published to ``topic``, as websocket frames."""
     check_topic(topic)
-    cursor = _cursor(topic)
+    cursor, start = _cursor(topic)
     gate = await GATE.get()
     hub = await FANOUT.get()
     with gate.connection():
         async with connection_slot(), hub.subscribe(topic, cursor=cursor) as listener:
             await websocket.accept()
-            await websocket.send(_subscribed(topic=topic, **listener.resumption.fields()))
+            fields = listener.resumption.fields()
+            await websocket.send(_subscribed(topic=topic, id=start, **fields))
             send: Any = websocket.scope.get(
                 WEBSOCKET_SEND_KEY
             )  # None: not served through create_app()
@@ -186,7 +191,7 @@ async def topic_stream(topic: str) -> None:
 async def topic_events(topic: str) -> Response:
     """Every message published to ``topic``, as Server-Sent Events."""
     check_topic(topic)
-    cursor = _cursor(topic, header=request.headers.get("Last-Event-ID"))
+    cursor, start = _cursor(topic, header=request.headers.get("Last-Event-ID"))
     gate = await GATE.get()
     hub = await FANOUT.get()
     gate.admit()
@@ -205,8 +210,8 @@ async def topic_events(topic: str) -> Response:
                 limiter.slot(identity),
                 hub.subscribe(topic, heartbeat=heartbeat, cursor=cursor) as listener,
             ):
-                subscribed = _subscribed(topic=topic, **listener.resumption.fields())
-                yield f"retry: 1000\ndata: {subscribed}\n\n".encode()
+                subscribed = _subscribed(topic=topic, id=start, **listener.resumption.fields())
+                yield f"retry: 1000\nid: {start}\ndata: {subscribed}\n\n".encode()
                 while True:
                     try:
                         batch = await listener.get()

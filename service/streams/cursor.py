@@ -50,8 +50,10 @@ def topic_tag(topic: str) -> str:
 
 def encode_cursor(tag: str, published_us: int, message_id: str) -> str:
     """The cursor of a message of the topic tagged ``tag`` (see :func:`topic_tag`)."""
-    if (message_id.isdigit() and message_id.isascii()) or PLAIN_ID.fullmatch(message_id):
-        written = message_id  # Pub/Sub's message ids are decimal
+    if not message_id or (message_id.isdigit() and message_id.isascii()):
+        written = message_id  # Pub/Sub's message ids are decimal; none: a time alone
+    elif PLAIN_ID.fullmatch(message_id):
+        written = message_id
     else:
         written = "~" + base64.urlsafe_b64encode(message_id.encode()).decode("ascii").rstrip("=")
     cursor = f"{VERSION}.{tag}.{published_us}.{written}"
