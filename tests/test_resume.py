@@ -360,12 +360,16 @@ async def test_a_resume_storm_makes_one_catch_up_subscription(
         assert [i for i in ids if i in missed] == missed
 
 
-@pytest.mark.parametrize("slack", [REORDER_SLACK, 0.0])
+@pytest.mark.parametrize(("slack", "history"), [(REORDER_SLACK, 10_000), (0.0, 10_000), (0.0, 5)])
 async def test_nothing_published_while_a_catch_up_runs_is_lost_at_the_seam(
-    pubsub_emulator: Any, admin: PubSubAdmin, monkeypatch: pytest.MonkeyPatch, slack: float
+    pubsub_emulator: Any,
+    admin: PubSubAdmin,
+    monkeypatch: pytest.MonkeyPatch,
+    slack: float,
+    history: int,
 ) -> None:
     # Without slack, what is published after the catch-up began reaches the resumed stream
-    # only through the history it joins.
+    # only through the history it joins; a history too small to hold it makes the catch-up go on.
     monkeypatch.setattr(catchup, "REORDER_SLACK", slack)
     topic = _retained_topic(admin)
     async with _app() as app:
@@ -374,7 +378,7 @@ async def test_nothing_published_while_a_catch_up_runs_is_lost_at_the_seam(
             _publish(admin, topic, 1, prefix="seen")
             [seen] = await _collect(listener, 1)
     missed = _publish(admin, topic, 50, prefix="missed")
-    async with _app() as app:
+    async with _app(stream_history_messages=history) as app:
         hub = await _hub(app)
         async with (
             hub.subscribe(topic) as live,

@@ -16,7 +16,9 @@ subscription per topic per worker, not one per client. A round:
    has room for it (the slow-consumer policy applies to one that takes longer than
    :data:`ROOM_WAIT`);
 3. joins each subscriber to the live stream, after what the history holds from the seam less the
-   slack: messages published near the seam may come twice, with their original messageId.
+   slack: messages published near the seam may come twice, with their original messageId. The
+   seam moves later when the history forgets messages during the round (its bounds), so that the
+   catch-up reaches what the history still holds complete.
 
 Subscribers arriving during a round wait for the next one; the subscription is deleted once no
 one waits. When Pub/Sub fails, the subscribers of the catch-up are closed with 1013: they
@@ -113,8 +115,7 @@ class CatchUp:
         start = min(cursor.published for cursor in members.values()) - REORDER_SLACK
         seam = time.time()
         await self.subscriptions.seek(self.path, start, topic=self.feed.topic)
-        limit = seam + REORDER_SLACK
-        tag = self.feed.tag
+        tag, history = self.feed.tag, self.feed.history
         timeout = PULL_TIMEOUT
         while self.round:
             await self._room()
@@ -126,6 +127,10 @@ class CatchUp:
             except (gexc.DeadlineExceeded, gexc.RetryError):
                 received = []
             frames = [encode_message(item.message, tag=tag) for item in received]
+            # The history may have forgotten messages meanwhile (its bounds): the catch-up then
+            # goes on until it reaches what the history still has complete.
+            seam = max(seam, history.complete_since)
+            limit = seam + REORDER_SLACK
             old = [frame for frame in frames if frame.published < limit]
             for listener, cursor in list(self.round.items()):
                 since = cursor.published - REORDER_SLACK
