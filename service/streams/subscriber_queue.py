@@ -17,6 +17,8 @@ from ..errors import CLOSE_TRY_AGAIN_LATER, StreamClosed
 from .cursor import Resumption
 from .frames import Batch, Chunk, Frame
 
+NOT_RESUMED = Resumption()
+
 
 class Bell:
     """Wakes every idle subscriber of a topic with one future: a woken task re-checks its queue.
@@ -89,8 +91,10 @@ class Listener:
         # A list, not a deque: an empty deque takes 760 bytes, an empty list 56, and most
         # connections are idle; the queue is bounded, so removing from its front stays cheap.
         self._queue: list[Frame] = []
-        self._backlog: list[Frame] = []  # replayed messages, sent before the queue's
-        self.resumption = Resumption()  # what its ``subscribed`` frame says
+        # Replayed messages, sent before the queue's; made by the first replay (most
+        # connections never have one: an empty list per connection would cost 56 bytes).
+        self._backlog: list[Frame] | None = None
+        self.resumption = NOT_RESUMED  # what its ``subscribed`` frame says
         self._chunk: Chunk | None = None  # the queue holds exactly this chunk's frames
         self._waiter: asyncio.Future[None] | None = None
         self._heartbeat_due = False
@@ -142,13 +146,15 @@ class Listener:
     @property
     def backlog(self) -> int:
         """How many replayed messages wait to be sent before the queue's."""
-        return len(self._backlog)
+        return len(self._backlog) if self._backlog is not None else 0
 
     def replay(self, frames: list[Frame]) -> None:
         """Send ``frames``, messages the subscriber missed, before anything the queue holds or
         receives later. What is beyond ``capacity`` waits for the caller to call
         :meth:`trim_backlog` (a catch-up adds as fast as the subscriber reads)."""
         if self.closed is None and frames:
+            if self._backlog is None:
+                self._backlog = []
             self._backlog.extend(frames)
             self._wake()
 
@@ -163,14 +169,15 @@ class Listener:
     def trim_backlog(self) -> int:
         """Apply the slow-consumer policy to a backlog beyond ``capacity``; returns how many
         messages it dropped."""
-        excess = len(self._backlog) - self.capacity
-        if excess <= 0 or self.closed is not None:
+        backlog = self._backlog
+        excess = (len(backlog) if backlog is not None else 0) - self.capacity
+        if backlog is None or excess <= 0 or self.closed is not None:
             return 0
         if self.close_when_full:
-            self._backlog.clear()
+            backlog.clear()
             self.close(CLOSE_TRY_AGAIN_LATER, "slow consumer: queue full")
             return excess
-        del self._backlog[:excess]
+        del backlog[:excess]
         self.dropped += excess
         self._wake()
         return excess
@@ -215,6 +222,8 @@ class Listener:
                 self.last_write = self._loop.time()
                 frames = backlog[: self.max_frame]
                 del backlog[: self.max_frame]
+                if not backlog:
+                    self._backlog = None
                 return Batch(frames, dropped, False)
             queue = self._queue
             if queue or self.dropped:
