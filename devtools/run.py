@@ -29,6 +29,7 @@ from pathlib import Path
 
 from google.api_core.exceptions import AlreadyExists
 from google.cloud import pubsub_v1
+from google.protobuf.duration_pb2 import Duration
 
 from service.auth.tokens import entry_toml, new_token
 
@@ -36,6 +37,7 @@ from .emulators import EmulatorError, PubSubEmulator, StorageEmulator
 from .servers import DEFAULT_SERVER, ROOT, SERVERS, server_command, stop_process
 
 DEMO_TOPIC = "demo"
+TOPIC_RETENTION = 3600  # seconds the topics made here retain their messages
 DEMO_BUCKET = "demo"  # created in the storage emulator and allowed unless LOOPGATE_BUCKETS is set
 DEFAULT_PROJECT = "loopgate-local"
 DEV_DIR = ROOT / ".loopgate"
@@ -61,12 +63,19 @@ def dev_token(directory: Path = DEV_DIR) -> tuple[str, Path]:
 
 
 def create_topics(project: str, topics: list[str]) -> None:
-    """Create ``topics`` in the emulator named by ``PUBSUB_EMULATOR_HOST``."""
+    """Create ``topics`` in the emulator named by ``PUBSUB_EMULATOR_HOST``, each retaining its
+    messages for :data:`TOPIC_RETENTION` seconds: a subscriber reconnecting after a restart is
+    caught up from that retention (the emulator retains only when a topic is created so)."""
     publisher = pubsub_v1.PublisherClient()
     try:
         for topic in topics:
             try:
-                publisher.create_topic(name=publisher.topic_path(project, topic))
+                publisher.create_topic(
+                    request={
+                        "name": publisher.topic_path(project, topic),
+                        "message_retention_duration": Duration(seconds=TOPIC_RETENTION),
+                    }
+                )
             except AlreadyExists:
                 pass
     finally:

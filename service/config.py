@@ -136,6 +136,22 @@ class Settings(BaseSettings):
         default=False,
         description="Accept permessage-deflate from websocket clients that offer it (Hypercorn).",
     )
+    # A reconnecting subscriber's cursor is served from the worker's recent history of the
+    # topic when it reaches back far enough (see service/streams/history.py), else from
+    # Pub/Sub's retention. The defaults cover a reconnect after a dropped connection or the
+    # 60-minute websocket limit of Cloud Run (seconds) at up to ~80 messages/s, in at most
+    # 8 MiB per topic per worker; longer gaps (a deploy, a new instance) go to Pub/Sub.
+    stream_history_messages: int = Field(
+        default=10_000, ge=0, description="Messages of recent history kept per topic (0: none)."
+    )
+    stream_history_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=0,
+        description="Bytes of serialized messages of recent history kept per topic.",
+    )
+    stream_history_seconds: float = Field(
+        default=120.0, ge=0, description="Longest a message stays in a topic's recent history."
+    )
     fanout_prefix: str = Field(default="loopgate", pattern=r"^[a-z][a-z0-9-]{0,30}$")
     fanout_grace: float = Field(
         default=30.0, ge=0, description="Keep a topic's subscription after its last subscriber."

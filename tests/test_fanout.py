@@ -19,6 +19,7 @@ from quart.testing.connections import WebsocketResponseError
 from service import create_app
 from service.config import Settings
 from service.errors import StreamClosed, TopicNotFound
+from service.streams.cursor import decode_cursor
 from service.streams.feed import Feed
 from service.streams.frames import Frame
 from service.streams.hub import FANOUT, Hub
@@ -68,7 +69,15 @@ async def _collect(listener: Listener, count: int) -> list[str]:
 
 async def test_websocket_through_test_client(client: Any, topic: Topic) -> None:
     async with client.websocket(f"/v1/topics/{topic.name}/stream") as ws:
-        assert json.loads(await ws.receive()) == {"type": "subscribed", "topic": topic.name}
+        subscribed = json.loads(await ws.receive())
+        assert subscribed == {
+            "type": "subscribed",
+            "topic": topic.name,
+            "id": subscribed["id"],
+            "resumed": False,
+            "complete": True,
+        }
+        assert decode_cursor(subscribed["id"], topic.name).message_id == ""  # a time alone
         response = await client.post(
             f"/v1/topics/{topic.name}:publish",
             json={
@@ -80,6 +89,7 @@ async def test_websocket_through_test_client(client: Any, topic: Topic) -> None:
             frame = json.loads(await ws.receive())
     assert frame["type"] == "message"
     assert frame["messageId"] == ids[0]
+    assert decode_cursor(frame["id"], topic.name).message_id == ids[0]
     assert base64.b64decode(frame["data"]) == b"x"
     assert frame["attributes"] == {"k": "v"}
     assert frame["publishTime"].endswith("Z")

@@ -105,11 +105,13 @@ async def collect_ws(ws: aiohttp.ClientWebSocketResponse, into: set[str]) -> int
 
 
 async def collect_sse(response: aiohttp.ClientResponse, into: set[str]) -> None:
-    """Gather event ids until the stream ends."""
+    """Gather the events' message ids until the stream ends (an event's ``id:`` is its cursor)."""
     async for raw in response.content:
         line = raw.decode().rstrip("\n")
-        if line.startswith("id: "):
-            into.add(line[4:])
+        if line.startswith("data: "):
+            event = json.loads(line[6:])
+            if event["type"] == "message":
+                into.add(event["messageId"])
 
 
 async def test_pubsub_killed_mid_traffic_answers_503_then_recovers(

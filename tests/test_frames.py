@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from service.streams.cursor import Cursor, decode_cursor, topic_tag
 from service.streams.frames import (
     Batch,
     Chunk,
@@ -47,6 +48,16 @@ def test_a_message_is_serialized_into_its_frame() -> None:
         "publishTime": "2025-01-02T03:04:05.123456Z",
     }
     assert "vé" in frame.text  # not escaped: the frame is sent as UTF-8 text
+
+
+def test_a_topic_stream_message_carries_its_resume_cursor_as_id() -> None:
+    frame = encode_message(_Message(), tag=topic_tag("orders"))
+    body = json.loads(frame.text)
+    assert list(body)[:3] == ["type", "id", "messageId"]
+    assert body["id"] == frame.cursor == frame.event_id
+    published_us = int(datetime(2025, 1, 2, 3, 4, 5, 123456, tzinfo=UTC).timestamp()) * 10**6
+    assert decode_cursor(frame.cursor, "orders") == Cursor(published_us + 123456, "42")
+    assert encode_message(_Message()).event_id == "42"  # no cursor: the message id
 
 
 def test_a_queue_mode_message_carries_its_ack_id() -> None:

@@ -27,10 +27,11 @@ def _subscription(name: str, topic: str = "projects/p/topics/t") -> Subscription
 
 def test_the_name_tells_host_process_and_topic_and_is_new_for_every_feed() -> None:
     subs = _subscriptions()
-    first, second = subs.path("orders"), subs.path("orders")
+    first, second, catchup = subs.path("orders"), subs.path("orders"), subs.catchup_path("orders")
     stem = f"projects/{PROJECT}/subscriptions/lg-fanout.{subs.host}.{os.getpid()}.{subs.token}"
     assert (first, second) == (f"{stem}-1.orders", f"{stem}-2.orders")
-    for path in (first, second):
+    assert catchup == f"{stem}-3.orders".replace("-fanout.", "-catchup.")
+    for path in (first, second, catchup):
         assert not subs.is_leftover(_subscription(path.rsplit("/", 1)[1]))  # this hub's own
 
 
@@ -38,6 +39,8 @@ def test_the_name_tells_host_process_and_topic_and_is_new_for_every_feed() -> No
     ("name", "topic", "leftover"),
     [
         ("{prefix}{host}.{dead}.abcdef.t", "projects/p/topics/t", True),  # its process is gone
+        ("{catchup}{host}.{dead}.abcdef-2.t", "projects/p/topics/t", True),  # a catch-up's too
+        ("{catchup}{host}.{parent}.abcdef-2.t", "projects/p/topics/t", False),
         ("{prefix}{host}.{pid}.abcdef.t", "projects/p/topics/t", True),  # an earlier hub here
         ("{prefix}elsewhere.{dead}.abcdef.t", "_deleted-topic_", True),  # its topic was deleted
         ("{prefix}{host}.{parent}.abcdef.t", "projects/p/topics/t", False),  # still running
@@ -52,7 +55,12 @@ def test_leftovers_are_the_unused_subscriptions_of_this_prefix(
 ) -> None:
     subs = _subscriptions()
     name = name.format(
-        prefix=subs.prefix, host=subs.host, dead=DEAD_PID, pid=os.getpid(), parent=os.getppid()
+        prefix=subs.prefix,
+        catchup=subs.catchup_prefix,
+        host=subs.host,
+        dead=DEAD_PID,
+        pid=os.getpid(),
+        parent=os.getppid(),
     )
     assert subs.is_leftover(_subscription(name, topic)) is leftover
 

@@ -1,24 +1,50 @@
 """Subscribers: websocket and Server-Sent Events streams of a topic, and queue mode.
 
 ``GET /v1/topics/{topic}/stream`` (websocket). The first frame is ``{"type": "subscribed", "topic":
-...}``; every message published to the topic after it follows as a text frame::
+..., "id": "<cursor>", "resumed": false, "complete": true}`` (see *Resuming* below); every message
+published to the topic after it follows as a text frame::
 
-    {"type": "message", "messageId": "...", "data": "<base64>", "attributes": {...},
-     "orderingKey": "", "publishTime": "2025-01-01T00:00:00.123456Z"}
+    {"type": "message", "id": "<cursor>", "messageId": "...", "data": "<base64>",
+     "attributes": {...}, "orderingKey": "", "publishTime": "2025-01-01T00:00:00.123456Z"}
 
 When several messages wait for one connection they arrive together in one frame, in order:
 ``{"type": "messages", "messages": [<message>, ...]}`` (each item exactly as a single ``message``
-frame). A connection that reads too slowly loses its oldest waiting messages and is told
-``{"type": "dropped", "count": N}`` (``LOOPGATE_STREAM_SLOW_POLICY=drop-oldest``, the default), or is
-closed with 1013 (``close``). Frames the client sends are read and ignored. At shutdown the server
-closes with 1001; after ``LOOPGATE_STREAM_IDLE_TIMEOUT`` seconds without traffic either way, with 1000.
+frame, ``id`` included). A connection that reads too slowly loses its oldest waiting messages and is
+told ``{"type": "dropped", "count": N}`` (``LOOPGATE_STREAM_SLOW_POLICY=drop-oldest``, the default),
+or is closed with 1013 (``close``). Frames the client sends are read and ignored. At shutdown the
+server closes with 1001; after ``LOOPGATE_STREAM_IDLE_TIMEOUT`` seconds without traffic either way,
+with 1000.
 
 ``GET /v1/topics/{topic}/events`` (``text/event-stream``): the same stream as SSE. The first event is
-the ``subscribed`` JSON; then each message is an event with ``id:`` its message id and ``data:`` the
-same JSON as the websocket frame (never coalesced), a drop notice is an event without id, and a
-comment line is sent as a heartbeat every ``LOOPGATE_STREAM_HEARTBEAT`` seconds. ``Last-Event-ID``
-cannot resume: a reconnecting client receives the messages published after its new ``subscribed``
-event; those published while it was away are not replayed (Pub/Sub keeps no per-client position).
+the ``subscribed`` JSON, with its ``id:``; then each message is an event with ``id:`` its cursor
+and ``data:`` the same JSON as the websocket frame (never coalesced), a drop notice is an event
+without id, and a comment line is sent as a heartbeat every ``LOOPGATE_STREAM_HEARTBEAT`` seconds.
+
+Resuming. Every message's ``id`` is an opaque, URL-safe cursor of at most 200 bytes
+(:mod:`service.streams.cursor`) that any worker of any instance understands. A client that
+reconnects (Cloud Run ends websockets after 60 minutes; a deploy closes them all with 1001) passes
+the ``id`` of the last message it received: ``?lastEventId=<id>`` on the websocket, the
+``Last-Event-ID`` header (what browsers' ``EventSource`` sends by itself) or ``?lastEventId=`` for
+SSE; before the first message, the ``id`` of the ``subscribed`` frame (the cursor it resumed from,
+or one of the moment it subscribed). A cursor that is malformed, or of another topic, is refused
+with 400 before the stream starts.
+The stream then starts with ``"resumed": true`` and sends first what was published after the cursor,
+then the live stream, with no gap between them:
+
+- from the worker's recent history of the topic when the reconnect is to the same worker and
+  short (``LOOPGATE_STREAM_HISTORY_MESSAGES``, ``..._BYTES``, ``..._SECONDS``), with no Pub/Sub call;
+- otherwise from the topic's message retention in Pub/Sub (``message_retention_duration`` on the
+  topic, which resuming needs): one temporary catch-up subscription per topic per worker, however
+  many clients resume at once (:mod:`service.streams.catchup`).
+
+``"complete": false`` says that not everything since the cursor could be found (the topic retains
+no messages, or not for that long); ``"earliest"`` then gives the earliest publish time from which
+messages are still available, and what is available from there follows, then the live stream.
+Near the cursor and near the point where a replay joins the live stream, messages may come twice:
+they carry their original ``messageId``, by which a client drops duplicates (Pub/Sub delivers at
+least once anyway). Messages lost to the slow-consumer policy during a replay are reported with a
+``dropped`` notice as usual. When catching up from Pub/Sub fails, the stream is closed with 1013:
+reconnect with the same cursor.
 
 ``GET /v1/subscriptions/{subscription}/stream`` (websocket, queue mode): the messages of an existing
 subscription (allowed by ``LOOPGATE_SUBSCRIPTIONS``), each frame a ``message`` with an ``ackId``.
@@ -42,7 +68,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from google.api_core import exceptions as gexc
-from quart import Blueprint, Response, websocket
+from quart import Blueprint, Response, has_websocket_context, request, websocket
 from quart_schema import document_response
 
 from .. import metrics
@@ -61,6 +87,7 @@ from ..errors import (
     SubscriptionNotFound,
 )
 from ..server.quart_connections import WEBSOCKET_SEND_KEY
+from ..streams.cursor import Cursor, decode_cursor, encode_cursor, topic_tag
 from ..streams.frames import Batch, dropped_text, websocket_texts
 from ..streams.gate import GATE
 from ..streams.hub import FANOUT
@@ -71,8 +98,28 @@ from .publish import TOPIC_NAME, check_topic
 blueprint = Blueprint("stream", __name__)
 
 
-def _subscribed(**fields: str) -> str:
+def _subscribed(**fields: object) -> str:
     return json.dumps({"type": "subscribed", **fields})
+
+
+def _cursor(topic: str, *, header: str | None = None) -> tuple[Cursor | None, str]:
+    """The resume cursor a reconnecting subscriber passed (``lastEventId``, or for SSE the
+    ``Last-Event-ID`` header), checked before the stream starts, and the ``id`` of the stream's
+    ``subscribed`` frame: that cursor, or for a new subscriber one of this moment, so that a
+    client that reconnects before its first message still resumes.
+
+    Raises:
+        InvalidArgument: it is not a cursor of this topic's stream.
+    """
+    value = header or request_args().get("lastEventId")
+    if not value:
+        return None, encode_cursor(topic_tag(topic), int(time.time() * 1e6), "")
+    return decode_cursor(value, topic), value
+
+
+def request_args() -> Any:
+    """The query arguments of the current websocket or request."""
+    return websocket.args if has_websocket_context() else request.args
 
 
 LATENCY_SAMPLES_PER_SECOND = 100
@@ -103,12 +150,14 @@ async def _read_and_ignore(listener: Listener) -> None:
 async def topic_stream(topic: str) -> None:
     """Every message published to ``topic``, as websocket frames."""
     check_topic(topic)
+    cursor, start = _cursor(topic)
     gate = await GATE.get()
     hub = await FANOUT.get()
     with gate.connection():
-        async with connection_slot(), hub.subscribe(topic) as listener:
+        async with connection_slot(), hub.subscribe(topic, cursor=cursor) as listener:
             await websocket.accept()
-            await websocket.send(_subscribed(topic=topic))
+            fields = listener.resumption.fields()
+            await websocket.send(_subscribed(topic=topic, id=start, **fields))
             send: Any = websocket.scope.get(
                 WEBSOCKET_SEND_KEY
             )  # None: not served through create_app()
@@ -142,6 +191,7 @@ async def topic_stream(topic: str) -> None:
 async def topic_events(topic: str) -> Response:
     """Every message published to ``topic``, as Server-Sent Events."""
     check_topic(topic)
+    cursor, start = _cursor(topic, header=request.headers.get("Last-Event-ID"))
     gate = await GATE.get()
     hub = await FANOUT.get()
     gate.admit()
@@ -158,9 +208,10 @@ async def topic_events(topic: str) -> Response:
             async with (
                 # The body is sent outside the app context: use what the handler found.
                 limiter.slot(identity),
-                hub.subscribe(topic, heartbeat=heartbeat) as listener,
+                hub.subscribe(topic, heartbeat=heartbeat, cursor=cursor) as listener,
             ):
-                yield f"retry: 1000\ndata: {_subscribed(topic=topic)}\n\n".encode()
+                subscribed = _subscribed(topic=topic, id=start, **listener.resumption.fields())
+                yield f"retry: 1000\nid: {start}\ndata: {subscribed}\n\n".encode()
                 while True:
                     try:
                         batch = await listener.get()
@@ -182,7 +233,7 @@ def _sse(batch: Batch) -> bytes:
     if batch.heartbeat:
         return b": heartbeat\n\n"
     parts = [f"data: {dropped_text(batch.dropped)}\n\n"] if batch.dropped else []
-    parts.extend(f"id: {frame.message_id}\ndata: {frame.text}\n\n" for frame in batch.frames)
+    parts.extend(f"id: {frame.event_id}\ndata: {frame.text}\n\n" for frame in batch.frames)
     return "".join(parts).encode()
 
 

@@ -7,19 +7,25 @@ most ``stream_max_coalesce_delay``, and not once ``stream_queue_size`` or half o
 once; messages arriving faster share frames (:meth:`Feed.fanout`). A message that reaches the
 worker during a round of writes joins that round for the connections it has not reached yet
 (:meth:`Feed.refill`). The Pub/Sub messages are acked once their frames are in every subscriber's
-queue.
+queue, and in the topic's recent :class:`~service.streams.history.History`, which a subscriber
+reconnecting here is replayed from (:meth:`Feed.join`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import metrics
 from ..clients.pubsub.streaming_pull import StreamingPull
 from ..config import Settings
+from .cursor import topic_tag
 from .frames import Chunk, Frame, encode_message
+from .history import History
 from .subscriber_queue import Bell, Listener
+
+if TYPE_CHECKING:
+    from .catchup import CatchUp
 
 
 class Feed:
@@ -39,6 +45,11 @@ class Feed:
         self.topic = topic
         self.subscription = subscription
         self.listeners: set[Listener] = set()  # the queues of the local subscribers
+        self.resuming: set[Listener] = set()  # subscribers not yet joined (see :meth:`join`)
+        self.tag = topic_tag(topic)  # of the topic's resume cursors
+        self.history = History(settings)
+        self.catchup: CatchUp | None = None  # the topic's catch-up from Pub/Sub while one runs
+        self.retention: asyncio.Task[float | None] | None = None  # the topic's, in seconds
         self.created: asyncio.Task[None] | None = None  # creates the subscription, starts the pull
         self.pull: StreamingPull | None = None
         self.linger: asyncio.TimerHandle | None = None  # the retirement after the last one left
@@ -87,6 +98,25 @@ class Feed:
         else:
             self._flush_timer = self._loop.call_later(delay, self.flush)
 
+    def join(self, listener: Listener, replay: list[Frame]) -> None:
+        """Make ``listener`` a subscriber receiving what is handed over from now on, after
+        ``replay``. Synchronous: nothing handed over in between is missed."""
+        self.resuming.discard(listener)
+        listener.replay(replay)
+        listener.attach(self.bell)
+        self.listeners.add(listener)
+
+    def remember(self, frames: list[Frame]) -> None:
+        """Keep ``frames`` in the history although no subscriber is connected (the hub acks
+        them at once): a subscriber reconnecting within the grace period is replayed them."""
+        self._collect()
+        if self._pending:
+            frames, self._pending = self._pending + frames, []
+            unacked, self._unacked = self._unacked, []
+            for message in unacked:
+                message.ack()
+        self.history.extend(frames)
+
     def flush(self) -> None:
         """Hand over what waits and wake the subscribers: the end of the coalescing window."""
         self._flush_timer = None
@@ -124,7 +154,8 @@ class Feed:
         writing runs timers and running tasks first, and these would wait for the next round."""
         if self.pull is not None and self.pull.arrived:
             arrived = self.pull.collect()
-            self._pending.extend(encode_message(message) for message in arrived)
+            tag = self.tag
+            self._pending.extend(encode_message(message, tag=tag) for message in arrived)
             self._unacked.extend(arrived)
 
     def _hand_over(self, *, extend: bool = False) -> None:
@@ -135,6 +166,7 @@ class Feed:
         extending = None
         if extend and self._chunk is not None:
             extending = (self._chunk, Chunk(self._chunk.frames + frames))
+        self.history.extend(frames)
         dropped = 0
         for listener in tuple(self.listeners):
             dropped += listener.put_many(frames, chunk, wake=False, extending=extending)

@@ -3,7 +3,8 @@
 Each message is serialized once, when it arrives from Pub/Sub, into the text of a single-message
 frame (:func:`encode_message`); every subscriber's queue holds a reference to that same
 :class:`Frame`. When several messages wait for one connection they go out together in one
-``{"type": "messages", "messages": [...]}`` frame whose items are those same texts, so nothing is
+``{"type": "messages", "messages": [...]}`` frame whose items are those same texts (each with its
+resume cursor as ``"id"``), so nothing is
 serialized per subscriber; when the hub hands several messages to every subscriber at once (a
 :class:`Chunk`), the text of that frame is built once and shared by every connection that had
 nothing else waiting.
@@ -14,7 +15,13 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
+
+from .cursor import encode_cursor
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MICROSECOND = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +31,12 @@ class Frame:
     message_id: str
     text: str
     published: float  # Pub/Sub's publish time, seconds since the epoch
+    cursor: str = ""  # its resume cursor (:mod:`service.streams.cursor`), the ``id`` in ``text``
+
+    @property
+    def event_id(self) -> str:
+        """The SSE ``id:`` of this message: its cursor (its message id when it has none)."""
+        return self.cursor or self.message_id
 
 
 class Chunk:
@@ -51,11 +64,19 @@ class Batch(NamedTuple):
     chunk: Chunk | None = None  # set when ``frames`` are exactly this chunk's
 
 
-def encode_message(message: Any, *, ack_id: str | None = None) -> Frame:
-    """Serialize a received Pub/Sub message (``google.cloud.pubsub_v1`` ``Message``)."""
+def encode_message(message: Any, *, ack_id: str | None = None, tag: str | None = None) -> Frame:
+    """Serialize a received Pub/Sub message (``google.cloud.pubsub_v1`` ``Message``, or the
+    ``PubsubMessage`` of a unary pull).
+
+    ``tag``: the topic's cursor tag (:func:`~service.streams.cursor.topic_tag`); the frame then
+    carries its resume cursor as ``"id"``.
+    """
     published = message.publish_time
-    body: dict[str, Any] = {
-        "type": "message",
+    cursor = ""
+    body: dict[str, Any] = {"type": "message"}
+    if tag is not None:
+        cursor = body["id"] = encode_cursor(tag, microseconds(published), message.message_id)
+    body |= {
         "messageId": message.message_id,
         "data": base64.b64encode(message.data).decode("ascii"),
         "attributes": dict(message.attributes),
@@ -65,7 +86,12 @@ def encode_message(message: Any, *, ack_id: str | None = None) -> Frame:
     if ack_id is not None:
         body["ackId"] = ack_id
     text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
-    return Frame(message.message_id, text, published.timestamp())
+    return Frame(message.message_id, text, published.timestamp(), cursor)
+
+
+def microseconds(moment: datetime) -> int:
+    """``moment`` (timezone-aware) in whole microseconds since the epoch, without float rounding."""
+    return (moment - EPOCH) // MICROSECOND
 
 
 def dropped_text(count: int) -> str:

@@ -23,11 +23,19 @@ streaming pull resumes by itself after errors (see :mod:`service.clients.pubsub.
 when the subscription is gone (an emulator restart, a deleted topic) it is created again, and
 connected subscribers receive again once it is back. Once a second the hub also updates the
 deliveries and queue-depth metrics, ends idle streams and asks for SSE heartbeats.
+
+A subscriber that reconnects with the cursor of the last message it received
+(:mod:`service.streams.cursor`) is first given what it missed: from the topic's recent history in
+this worker (:mod:`service.streams.history`) when it reaches back that far, else from Pub/Sub's
+retention of the topic (:mod:`service.streams.catchup`), then joins the live stream
+(:meth:`Feed.join <service.streams.feed.Feed.join>`). Until it joins it is not among the feed's
+listeners: its replay never delays the hand-over to the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from google.cloud import pubsub_v1
@@ -39,9 +47,12 @@ from ..clients.pubsub.streaming_pull import STREAMING, StreamingPull
 from ..config import Settings, current_settings
 from ..errors import CLOSE_GOING_AWAY, CLOSE_NORMAL, Unavailable
 from ..loopclients import ClientSpec
+from .catchup import CatchUp
+from .cursor import Cursor, Resumption
 from .feed import Feed
 from .frames import Frame, encode_message
 from .gate import GATE, ConnectionGate
+from .history import REORDER_SLACK
 from .subscriber_queue import Listener
 from .subscriptions import FanoutSubscriptions
 
@@ -95,17 +106,24 @@ class Hub:
 
     # -- subscribers ----------------------------------------------------------------------
 
-    def subscribe(self, topic: str, *, heartbeat: float | None = None) -> _Listening:
+    def subscribe(
+        self, topic: str, *, heartbeat: float | None = None, cursor: Cursor | None = None
+    ) -> _Listening:
         """``async with hub.subscribe(topic) as listener``: a listener receiving every message
         published to ``topic`` from now on.
+
+        ``cursor``: where a reconnecting subscriber stopped; what it missed comes first (see
+        :meth:`_resume`), and ``listener.resumption`` says whether all of it could be found.
 
         Raises (on entering):
             TopicNotFound: the topic does not exist.
             Unavailable: Pub/Sub cannot be reached, or the worker is shutting down.
         """
-        return _Listening(self, topic, heartbeat)
+        return _Listening(self, topic, heartbeat, cursor)
 
-    async def _enter(self, topic: str, heartbeat: float | None) -> tuple[Feed, Listener]:
+    async def _enter(
+        self, topic: str, heartbeat: float | None, cursor: Cursor | None = None
+    ) -> tuple[Feed, Listener]:
         if self._closing:
             raise Unavailable("the server is shutting down")
         feed = self._feeds.get(topic)
@@ -121,14 +139,21 @@ class Hub:
             close_when_full=settings.stream_slow_policy == "close",
             max_frame=settings.stream_max_frame_messages,
             heartbeat=heartbeat,
-            bell=feed.bell,
+            # A resuming subscriber has its own wake-up until it joins: what it is replayed
+            # must not wake every subscriber of the topic.
+            bell=feed.bell if cursor is None else None,
         )
-        feed.listeners.add(listener)
+        if cursor is None:
+            feed.listeners.add(listener)
+        else:
+            feed.resuming.add(listener)
         try:
             assert feed.created is not None
             try:
                 async with asyncio.timeout(READY_TIMEOUT):
                     await asyncio.shield(feed.created)
+                    if cursor is not None:
+                        await self._resume(feed, listener, cursor)
             except TimeoutError:
                 raise Unavailable(f"subscribing to topic {topic!r} timed out") from None
         except BaseException:
@@ -137,15 +162,63 @@ class Hub:
         feed.subscribers_gauge.inc()
         return feed, listener
 
+    async def _resume(self, feed: Feed, listener: Listener, cursor: Cursor) -> None:
+        """Give ``listener`` what was published after ``cursor``, then the live stream: from the
+        worker's recent history when it reaches back that far (no Pub/Sub call), else from the
+        topic's retention in Pub/Sub (:class:`~service.streams.catchup.CatchUp`), else (no
+        retention, or not enough) what the history has, and ``complete`` false."""
+        replay = feed.history.after(cursor)
+        if replay is not None:
+            listener.resumption = Resumption(resumed=True, complete=True)
+            feed.join(listener, replay)
+            return
+        if feed.retention is None:
+            feed.retention = self._loop.create_task(self.subscriptions.topic_retention(feed))
+        reading = feed.retention
+        retention = await asyncio.shield(reading)
+        if retention is None:  # not known (logged): asked again by the next resume
+            if feed.retention is reading:
+                feed.retention = None
+            retention = 0.0
+        since = cursor.published - REORDER_SLACK
+        replay = feed.history.after(cursor)  # it may reach back far enough by now
+        if replay is not None:
+            listener.resumption = Resumption(resumed=True, complete=True)
+            feed.join(listener, replay)
+            return
+        if retention <= 0:
+            earliest = feed.history.complete_since
+            listener.resumption = Resumption(resumed=True, complete=False, earliest=earliest)
+            feed.join(listener, feed.history.since(since))
+            return
+        # The seek happens a moment after this: one second of margin.
+        earliest = time.time() - retention + 1.0
+        complete = since >= earliest
+        listener.resumption = Resumption(
+            resumed=True, complete=complete, earliest=None if complete else earliest
+        )
+        if feed.catchup is None:
+            feed.catchup = CatchUp(feed, self.subscriptions)
+            feed.catchup.task = self._spawn(feed.catchup.run())
+        feed.catchup.add(listener, cursor)
+
     def _leave(self, feed: Feed, listener: Listener, *, counted: bool = True) -> None:
         feed.listeners.discard(listener)
+        feed.resuming.discard(listener)
+        if feed.catchup is not None:
+            feed.catchup.discard(listener)
         if listener.delivered:
             feed.deliveries.inc(listener.delivered)
             listener.delivered = 0
         if counted:
             feed.subscribers_gauge.dec()
         topic = feed.topic
-        if not feed.listeners and not self._closing and self._feeds.get(topic) is feed:
+        if (
+            not feed.listeners
+            and not feed.resuming
+            and not self._closing
+            and self._feeds.get(topic) is feed
+        ):
             if feed.created is not None and feed.created.done() and feed.created.exception():
                 self._feeds.pop(topic)
             else:
@@ -177,7 +250,9 @@ class Hub:
 
     def _dispatch(self, feed: Feed, messages: list[Any]) -> None:
         """Serialize once and hand to the subscribers (see :meth:`fanout`), which acks them."""
-        self.fanout(feed.topic, [encode_message(message) for message in messages], messages)
+        tag = feed.tag
+        frames = [encode_message(message, tag=tag) for message in messages]
+        self.fanout(feed.topic, frames, messages)
 
     def fanout(self, topic: str, frames: list[Frame], messages: list[Any] | None = None) -> None:
         """Put ``frames`` in the queue of every local subscriber of ``topic``, coalesced with
@@ -188,6 +263,8 @@ class Hub:
         """
         feed = self._feeds.get(topic)
         if feed is None or not feed.listeners:
+            if feed is not None:
+                feed.remember(frames)
             for message in messages or ():
                 message.ack()
             return
@@ -197,7 +274,7 @@ class Hub:
 
     def _retire_later(self, feed: Feed) -> None:
         feed.linger = None
-        if self._feeds.get(feed.topic) is feed and not feed.listeners:
+        if self._feeds.get(feed.topic) is feed and not feed.listeners and not feed.resuming:
             del self._feeds[feed.topic]
             feed.cancel_flush()
             self._spawn(self._retire(feed))
@@ -205,6 +282,8 @@ class Hub:
     async def _retire(self, feed: Feed) -> None:
         if feed.created is not None and not feed.created.done():
             feed.created.cancel()
+        if feed.retention is not None and not feed.retention.done():
+            feed.retention.cancel()
         if feed.pull is not None:
             await feed.pull.stop()
         if feed.created is None or feed.created.cancelled() or feed.created.exception():
@@ -221,8 +300,10 @@ class Hub:
             if feed.linger is not None:
                 feed.linger.cancel()
             feed.cancel_flush()
-            for listener in tuple(feed.listeners):
+            for listener in (*feed.listeners, *feed.resuming):
                 listener.close(CLOSE_GOING_AWAY, "server shutting down")
+            if feed.catchup is not None and feed.catchup.task is not None:
+                feed.catchup.task.cancel()  # it deletes its subscription
             self._spawn(self._retire(feed))
 
     async def aclose(self) -> None:
@@ -245,7 +326,7 @@ class Hub:
             total = 0
             for feed in list(self._feeds.values()):
                 delivered = 0
-                for listener in tuple(feed.listeners):
+                for listener in (*feed.listeners, *feed.resuming):
                     total += len(listener)
                     delivered += listener.delivered
                     listener.delivered = 0
@@ -262,16 +343,19 @@ class _Listening:
     """What :meth:`Hub.subscribe` returns. A class rather than ``@asynccontextmanager``: the
     generator of the latter would stay alive, with its frame, for as long as each connection."""
 
-    __slots__ = ("_entered", "_heartbeat", "_hub", "_topic")
+    __slots__ = ("_cursor", "_entered", "_heartbeat", "_hub", "_topic")
 
-    def __init__(self, hub: Hub, topic: str, heartbeat: float | None) -> None:
+    def __init__(
+        self, hub: Hub, topic: str, heartbeat: float | None, cursor: Cursor | None
+    ) -> None:
         self._hub = hub
         self._topic = topic
         self._heartbeat = heartbeat
+        self._cursor = cursor
         self._entered: tuple[Feed, Listener] | None = None
 
     async def __aenter__(self) -> Listener:
-        self._entered = await self._hub._enter(self._topic, self._heartbeat)
+        self._entered = await self._hub._enter(self._topic, self._heartbeat, self._cursor)
         return self._entered[1]
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -14,7 +14,10 @@ import asyncio
 from collections.abc import Callable
 
 from ..errors import CLOSE_TRY_AGAIN_LATER, StreamClosed
+from .cursor import Resumption
 from .frames import Batch, Chunk, Frame
+
+NOT_RESUMED = Resumption()
 
 
 class Bell:
@@ -48,6 +51,7 @@ class Listener:
     writer."""
 
     __slots__ = (
+        "_backlog",
         "_bell",
         "_chunk",
         "_heartbeat_due",
@@ -63,6 +67,7 @@ class Listener:
         "last_activity",
         "last_write",
         "max_frame",
+        "resumption",
         "topic",
     )
 
@@ -86,6 +91,10 @@ class Listener:
         # A list, not a deque: an empty deque takes 760 bytes, an empty list 56, and most
         # connections are idle; the queue is bounded, so removing from its front stays cheap.
         self._queue: list[Frame] = []
+        # Replayed messages, sent before the queue's; made by the first replay (most
+        # connections never have one: an empty list per connection would cost 56 bytes).
+        self._backlog: list[Frame] | None = None
+        self.resumption = NOT_RESUMED  # what its ``subscribed`` frame says
         self._chunk: Chunk | None = None  # the queue holds exactly this chunk's frames
         self._waiter: asyncio.Future[None] | None = None
         self._heartbeat_due = False
@@ -134,6 +143,45 @@ class Listener:
             self._wake()
         return max(excess, 0)
 
+    @property
+    def backlog(self) -> int:
+        """How many replayed messages wait to be sent before the queue's."""
+        return len(self._backlog) if self._backlog is not None else 0
+
+    def replay(self, frames: list[Frame]) -> None:
+        """Send ``frames``, messages the subscriber missed, before anything the queue holds or
+        receives later. What is beyond ``capacity`` waits for the caller to call
+        :meth:`trim_backlog` (a catch-up adds as fast as the subscriber reads)."""
+        if self.closed is None and frames:
+            if self._backlog is None:
+                self._backlog = []
+            self._backlog.extend(frames)
+            self._wake()
+
+    def attach(self, bell: Bell) -> None:
+        """From now on be woken by the topic's ``bell`` (a resuming subscriber joins the live
+        stream); a writer waiting on its own wake-up re-checks and waits on the bell."""
+        self._bell = bell
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():  # its own: it had no bell until now
+            waiter.set_result(None)
+
+    def trim_backlog(self) -> int:
+        """Apply the slow-consumer policy to a backlog beyond ``capacity``; returns how many
+        messages it dropped."""
+        backlog = self._backlog
+        excess = (len(backlog) if backlog is not None else 0) - self.capacity
+        if backlog is None or excess <= 0 or self.closed is not None:
+            return 0
+        if self.close_when_full:
+            backlog.clear()
+            self.close(CLOSE_TRY_AGAIN_LATER, "slow consumer: queue full")
+            return excess
+        del backlog[:excess]
+        self.dropped += excess
+        self._wake()
+        return excess
+
     def touch(self) -> None:
         """The client sent something: it is not idle."""
         self.last_activity = self._loop.time()
@@ -162,12 +210,21 @@ class Listener:
         Raises:
             StreamClosed: the server ended the stream.
         """
-        bell = self._bell
         while True:
+            bell = self._bell  # set by attach() when a resuming subscriber joins
             if bell is not None and bell.refill is not None:
                 bell.refill()
             if self.closed is not None:
                 raise self.closed
+            backlog = self._backlog
+            if backlog:
+                dropped, self.dropped = self.dropped, 0
+                self.last_write = self._loop.time()
+                frames = backlog[: self.max_frame]
+                del backlog[: self.max_frame]
+                if not backlog:
+                    self._backlog = None
+                return Batch(frames, dropped, False)
             queue = self._queue
             if queue or self.dropped:
                 chunk, self._chunk = self._chunk, None
