@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import make_settings
+from quart import Quart
 
 from devtools.servers import GRANIAN_FLAGS, UVICORN_FLAGS
 from service.logs import JsonFormatter
@@ -68,7 +69,7 @@ async def serve(*chunks: bytes, compression: bool = False) -> tuple[Any, Transpo
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    adapt.install(make_settings(stream_compression=compression))
+    adapt.install(Quart(__name__), make_settings(stream_compression=compression))
     config = Config(app, h11_max_incomplete_event_size=16384, timeout_keep_alive=5)
     config.load()
     protocol = adapt.HttpToolsProtocol(config=config, server_state=ServerState(), app_state={})

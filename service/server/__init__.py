@@ -31,9 +31,7 @@ from types import ModuleType
 from quart import Quart
 
 from ..config import Settings
-from ..logs import AccessLog
 from . import framing, quart_connections, request_body
-from .granian.adapt import WholeRefusals
 from .shutdown_hooks import ShutdownGate
 
 SERVERS = ("hypercorn", "uvicorn", "granian")
@@ -73,13 +71,8 @@ def install(app: Quart, settings: Settings) -> None:
     if not isinstance(app.asgi_app, quart_connections.ExposeWebsocketSend):
         app.asgi_app = quart_connections.ExposeWebsocketSend(app.asgi_app)  # type: ignore[method-assign]  # ASGI middleware, as Quart documents it
     request_body.install(app)
-    _server_module().install(settings)
-    if running_server() == "granian" and not isinstance(app.asgi_app, WholeRefusals):
-        app.asgi_app = WholeRefusals(app.asgi_app)  # type: ignore[method-assign]  # ASGI middleware
-    framing.install(app)  # it sees every request first
-    if running_server() != "hypercorn" and not isinstance(app.asgi_app, AccessLog):
-        # Hypercorn writes its own (hypercorn.toml); around the framing guard, to log its refusals
-        app.asgi_app = AccessLog(app.asgi_app)  # type: ignore[method-assign]  # ASGI middleware
+    framing.install(app)  # it sees every request before the app does
+    _server_module().install(app, settings)  # its middleware, if any, around the framing guard
 
 
 def watch_shutdown(gate: ShutdownGate) -> Callable[[], None]:

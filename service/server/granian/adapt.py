@@ -33,7 +33,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any
 
+from quart import Quart
+
 from ...config import Settings
+from ...logs import AccessLog
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -41,9 +44,14 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 MAX_MESSAGE = 262144  # bytes (or characters) of one websocket message
 
 
-def install(settings: Settings) -> None:
-    """Adapt Granian (once per process, however often it is called): nothing to change."""
+def install(app: Quart, settings: Settings) -> None:
+    """Adapt Granian: nothing in the process; ``app`` gets :class:`WholeRefusals` and loopgate's
+    access log (Granian's has no size nor request id)."""
     del settings
+    if not isinstance(app.asgi_app, WholeRefusals):
+        app.asgi_app = WholeRefusals(app.asgi_app)  # type: ignore[method-assign]  # ASGI middleware
+    if not isinstance(app.asgi_app, AccessLog):
+        app.asgi_app = AccessLog(app.asgi_app)  # type: ignore[method-assign]  # ASGI middleware
 
 
 class WholeRefusals:

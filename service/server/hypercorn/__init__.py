@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from quart import Quart
+
 from ...config import Settings
 from ..shutdown_hooks import ShutdownGate
 from . import access_log, close, deflate, half_close, websocket_limit
@@ -23,8 +25,10 @@ from . import access_log, close, deflate, half_close, websocket_limit
 __all__ = ["install", "watch_shutdown"]
 
 
-def install(settings: Settings) -> None:
-    """Adapt Hypercorn (once per process, however often it is called)."""
+def install(app: Quart, settings: Settings) -> None:
+    """Adapt Hypercorn (once per process, however often it is called); Hypercorn writes its own
+    access log (hypercorn.toml), so ``app`` is left as it is."""
+    del app
     deflate.set_compression(settings.stream_compression)
     close.bound_close()
     websocket_limit.keep_limit()

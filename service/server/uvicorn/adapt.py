@@ -49,11 +49,13 @@ import logging
 from typing import Any
 
 import uvicorn
+from quart import Quart
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.websockets import websockets_sansio_impl
 
 from ...config import Settings
 from ...errors import error_body
+from ...logs import AccessLog
 
 log = logging.getLogger("loopgate.server")
 
@@ -91,11 +93,15 @@ _INVALID = _refusal(
 _compression = False
 
 
-def install(settings: Settings) -> None:
+def install(app: Quart, settings: Settings) -> None:
     """Adapt uvicorn (once per process, however often it is called): websocket compression is
-    offered to the websocket protocol only when ``settings.stream_compression`` is on."""
+    offered to the websocket protocol only when ``settings.stream_compression`` is on, and
+    loopgate writes the access log (uvicorn's has no size nor duration, and has the query string).
+    """
     global _compression
     _compression = settings.stream_compression
+    if not isinstance(app.asgi_app, AccessLog):
+        app.asgi_app = AccessLog(app.asgi_app)  # type: ignore[method-assign]  # ASGI middleware
 
 
 def _uvicorn_version() -> tuple[int, ...]:
