@@ -92,6 +92,8 @@ def start_server(
             "LOOPGATE_STREAM_COMPRESSION": os.environ.get("BENCH_SERVER_COMPRESSION", "0"),
         }
     )
+    # --set LOOPGATE_X=Y: settings of the loopgate server under test (see the README's settings).
+    env.update(json.loads(os.environ.get("BENCH_SERVER_SETTINGS", "{}")))
     os.makedirs(env["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
     with open(log, "ab") as out:
         process = subprocess.Popen(
@@ -433,9 +435,21 @@ def main() -> int:
         help="the server accepts permessage-deflate (LOOPGATE_STREAM_COMPRESSION=1)",
     )
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="LOOPGATE_NAME=VALUE",
+        help="a loopgate setting for the servers under test (repeatable)",
+    )
+    parser.add_argument(
         "--write", action="store_true", help="replace the Streams section of bench/RESULTS.md"
     )
     args = parser.parse_args()
+    settings = dict(item.split("=", 1) for item in args.set)
+    if any(not name.startswith("LOOPGATE_") for name in settings):
+        parser.error("--set takes LOOPGATE_NAME=VALUE")
+    if args.write and settings:
+        parser.error("--write records the default setup: run --set variants without it")
     if args.write and (args.offer_compression or args.compression):
         parser.error("--write records the default setup: run the compression variants without it")
     modes = [mode for mode in args.modes.split(",") if mode]
@@ -450,6 +464,7 @@ def main() -> int:
     # Read by the load client and by start_server.
     os.environ["BENCH_OFFER_DEFLATE"] = "1" if args.offer_compression else "0"
     os.environ["BENCH_SERVER_COMPRESSION"] = "1" if args.compression else "0"
+    os.environ["BENCH_SERVER_SETTINGS"] = json.dumps(settings)
     sys.path.insert(0, str(ROOT))
     from devtools.emulators import PubSubEmulator
 
