@@ -17,7 +17,9 @@ for _key in [key for key in os.environ if key.startswith("LOOPGATE_")]:
     del os.environ[_key]
 
 import asyncio
+import base64
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -420,3 +422,25 @@ def create_bucket(emulator: Any, name: str | None = None) -> str:
 @pytest.fixture
 def bucket(storage_emulator: Any) -> str:
     return create_bucket(storage_emulator)
+
+
+def websocket_handshake(path: str) -> bytes:
+    """A websocket opening handshake for ``path``, for a raw socket client."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+async def subscriber_that_reads_nothing(server: Server, topic: str) -> socket.socket:
+    """A websocket subscriber of ``topic`` on a socket with a small receive buffer that is never
+    read: unlike a client library's, whose reader keeps taking data in the background, its
+    window closes, and the server's writes to it block."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", server.port)), WAIT)
+    await loop.sock_sendall(sock, websocket_handshake(f"/v1/topics/{topic}/stream"))
+    return sock

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import re
 import signal
 import socket
@@ -13,17 +12,17 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import WAIT, Server, Topic, clean_exits, graceful_timeout, metric_value
+from conftest import (
+    WAIT,
+    Server,
+    Topic,
+    clean_exits,
+    graceful_timeout,
+    metric_value,
+    websocket_handshake,
+)
 
 pytestmark = [pytest.mark.server, pytest.mark.emulator]
-
-
-def websocket_handshake(path: str) -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    return (
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
 
 
 def without_granian_panics(log: str) -> list[str]:
