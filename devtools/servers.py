@@ -46,14 +46,7 @@ def uvicorn_command(
     extra: Sequence[str] = (),
 ) -> list[str]:
     """The command line that serves ``app`` with uvicorn on ``bind`` (flags: see the README)."""
-    host, port = bind.rsplit(":", 1)
-    command = [
-        sys.executable, "-m", "uvicorn", "--host", host, "--port", port,
-        "--workers", str(workers or 2),
-        *UVICORN_FLAGS,
-        "--log-config", str(ROOT / "uvicorn-log.json"),
-    ]  # fmt: skip
-    return [*command, *extra, *_factory(app)]
+    return _flags_command("uvicorn", UVICORN_FLAGS, bind, workers, app, extra)
 
 
 def granian_command(
@@ -64,12 +57,23 @@ def granian_command(
     extra: Sequence[str] = (),
 ) -> list[str]:
     """The command line that serves ``app`` with granian on ``bind`` (flags: see the README)."""
+    return _flags_command("granian", GRANIAN_FLAGS, bind, workers, app, extra)
+
+
+def _flags_command(
+    server: str,
+    flags: Sequence[str],
+    bind: str,
+    workers: int | None,
+    app: str,
+    extra: Sequence[str],
+) -> list[str]:
+    """A server taking flags and a JSON logging configuration (``<server>-log.json``)."""
     host, port = bind.rsplit(":", 1)
     command = [
-        sys.executable, "-m", "granian", "--host", host, "--port", port,
-        "--workers", str(workers or 2),
-        *GRANIAN_FLAGS,
-        "--log-config", str(ROOT / "granian-log.json"),
+        sys.executable, "-m", server, "--host", host, "--port", port,
+        "--workers", str(workers or 2), *flags,
+        "--log-config", str(ROOT / f"{server}-log.json"),
     ]  # fmt: skip
     return [*command, *extra, *_factory(app)]
 
