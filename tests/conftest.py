@@ -443,4 +443,11 @@ async def subscriber_that_reads_nothing(server: Server, topic: str) -> socket.so
     loop = asyncio.get_running_loop()
     await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", server.port)), WAIT)
     await loop.sock_sendall(sock, websocket_handshake(f"/v1/topics/{topic}/stream"))
+    received = b""
+    async with asyncio.timeout(WAIT):  # the handshake's answer and the subscribed frame, no more
+        while b'"subscribed"' not in received:
+            chunk = await loop.sock_recv(sock, 4096)
+            if not chunk:
+                raise AssertionError(f"the server closed the websocket: {received[:500]!r}")
+            received += chunk
     return sock

@@ -330,7 +330,6 @@ async def test_sigterm_ends_a_worker_whose_subscriber_reads_nothing(
     )
     async with aiohttp.ClientSession() as session:
         subscriber = await subscriber_that_reads_nothing(server, topic.name)
-        await publish(session, server, topic.name, 400, size=64 * 1024)  # beyond every buffer
 
         async def dropped() -> float:
             async with session.get(f"{server.url}/metrics") as response:
@@ -340,11 +339,11 @@ async def test_sigterm_ends_a_worker_whose_subscriber_reads_nothing(
             )
 
         # Messages are dropped only once the subscriber's writer is stuck on a full socket (with
-        # a queue of 100, any drop means the writer is stuck).
+        # a queue of 100, any drop means the writer is stuck): publish until they are.
         try:
             async with asyncio.timeout(WAIT):
                 while await dropped() == 0:
-                    await asyncio.sleep(0.05)
+                    await publish(session, server, topic.name, 50, size=64 * 1024)
         except TimeoutError:
             raise AssertionError(f"nothing was dropped within {WAIT}s:\n{server.log()}") from None
         assert subscriber.fileno() != -1  # still connected, taking nothing
