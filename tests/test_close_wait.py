@@ -95,11 +95,23 @@ async def assert_established(server_port: int, client_ports: list[int]) -> None:
         await asyncio.sleep(0.05)
 
 
+async def close_and_check_none_in_close_wait(
+    server_port: int, writers: list[asyncio.StreamWriter]
+) -> None:
+    """Once the worker holds every connection of ``writers``, their clients close them: the
+    worker must close its side too, leaving none in CLOSE-WAIT."""
+    ports = [client_port(writer) for writer in writers]
+    await assert_established(server_port, ports)
+    for writer in writers:
+        writer.close()
+        await writer.wait_closed()
+    await wait_until_none_in_close_wait(server_port, ports)
+
+
 async def test_idle_connections_their_clients_closed_leave_no_close_wait(
     start_server: Any, server_name: str
 ) -> None:
     server = await start_server(args=keep_alive_args(server_name, KEEP_ALIVE), server=server_name)
-    ports: list[int] = []
     writers: list[asyncio.StreamWriter] = []
     for _ in range(3):
         # A keep-alive client that had its answer, and one that never sent a request.
@@ -108,14 +120,7 @@ async def test_idle_connections_their_clients_closed_leave_no_close_wait(
         assert (await read_response(reader)).startswith(b"HTTP/1.1 200")
         _, silent = await connect(server.port)
         writers += [writer, silent]
-    ports = [client_port(writer) for writer in writers]
-    await assert_established(server.port, ports)
-
-    for writer in writers:
-        writer.close()
-        await writer.wait_closed()
-
-    await wait_until_none_in_close_wait(server.port, ports)
+    await close_and_check_none_in_close_wait(server.port, writers)
 
 
 async def test_a_client_that_half_closes_after_its_request_gets_the_answer_and_the_close(
@@ -182,14 +187,7 @@ async def test_streams_their_clients_closed_end_and_leave_no_close_wait(
         frame = await asyncio.wait_for(reader.readexactly(2), WAIT)
         await asyncio.wait_for(reader.readexactly(frame[1] & 0x7F), WAIT)  # a short text frame
         writers.append(writer)
-    ports = [client_port(writer) for writer in writers]
-    await assert_established(server.port, ports)
-
-    for writer in writers:
-        writer.close()
-        await writer.wait_closed()
-
-    await wait_until_none_in_close_wait(server.port, ports)
+    await close_and_check_none_in_close_wait(server.port, writers)
 
 
 def test_hypercorn_reads_connections_as_the_seam_expects() -> None:

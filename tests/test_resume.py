@@ -145,6 +145,18 @@ async def _messages(ws: Any, count: int) -> list[dict[str, Any]]:
     return got
 
 
+async def _seen_on_a_first_app(admin: PubSubAdmin) -> tuple[str, Frame]:
+    """A topic with retention, and the one message a subscriber of a first app received on it
+    (that app then gone): what a client resuming from its last message starts from."""
+    topic = _retained_topic(admin)
+    async with _app() as app:
+        hub = await _hub(app)
+        async with hub.subscribe(topic) as listener:
+            _publish(admin, topic, 1, prefix="seen")
+            [seen] = await _collect(listener, 1)
+    return topic, seen
+
+
 async def _collect(listener: Listener, count: int) -> list[Frame]:
     frames: list[Frame] = []
     async with asyncio.timeout(WAIT):
@@ -371,12 +383,7 @@ async def test_nothing_published_while_a_catch_up_runs_is_lost_at_the_seam(
     # Without slack, what is published after the catch-up began reaches the resumed stream
     # only through the history it joins; a history too small to hold it makes the catch-up go on.
     monkeypatch.setattr(catchup, "REORDER_SLACK", slack)
-    topic = _retained_topic(admin)
-    async with _app() as app:
-        hub = await _hub(app)
-        async with hub.subscribe(topic) as listener:
-            _publish(admin, topic, 1, prefix="seen")
-            [seen] = await _collect(listener, 1)
+    topic, seen = await _seen_on_a_first_app(admin)
     missed = _publish(admin, topic, 50, prefix="missed")
     async with _app(stream_history_messages=history) as app:
         hub = await _hub(app)
@@ -435,12 +442,7 @@ async def test_an_event_source_resumes_with_its_last_event_id_header(
 async def test_a_shutdown_during_a_catch_up_deletes_its_subscription(
     pubsub_emulator: Any, admin: PubSubAdmin
 ) -> None:
-    topic = _retained_topic(admin)
-    async with _app() as app:
-        hub = await _hub(app)
-        async with hub.subscribe(topic) as listener:
-            _publish(admin, topic, 1, prefix="seen")
-            [seen] = await _collect(listener, 1)
+    topic, seen = await _seen_on_a_first_app(admin)
     _publish(admin, topic, 5, prefix="missed")
     async with _app() as app:
         hub = await _hub(app)
@@ -494,12 +496,7 @@ async def test_a_websocket_closed_by_a_deploy_resumes_on_the_next_server(
 async def test_a_failed_catch_up_closes_with_1013_so_the_client_resumes_again(
     pubsub_emulator: Any, admin: PubSubAdmin, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    topic = _retained_topic(admin)
-    async with _app() as app:
-        hub = await _hub(app)
-        async with hub.subscribe(topic) as listener:
-            _publish(admin, topic, 1, prefix="seen")
-            [seen] = await _collect(listener, 1)
+    topic, seen = await _seen_on_a_first_app(admin)
     _publish(admin, topic, 3, prefix="missed")
     async with _app() as app:
         hub = await _hub(app)

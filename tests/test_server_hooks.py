@@ -59,6 +59,16 @@ async def _app(scope: Any, receive: Any, send: Any) -> None:
     pass
 
 
+def _uvicorn_server(timeout_graceful_shutdown: int) -> uvicorn.Server:
+    """A uvicorn server whose handlers of the shutdown signals are in place, as while it serves."""
+    server = uvicorn.Server(
+        uvicorn.Config(_app, timeout_graceful_shutdown=timeout_graceful_shutdown)
+    )
+    for sig in SIGNALS:
+        signal.signal(sig, server.handle_exit)
+    return server
+
+
 async def until(condition: Any) -> None:
     async with asyncio.timeout(WAIT):
         while not condition():
@@ -78,9 +88,7 @@ def test_uvicorn_handles_the_shutdown_signals_with_signal_signal(signal_handlers
 async def test_uvicorn_gets_the_signal_once_the_stream_connections_are_gone(
     signal_handlers: None,
 ) -> None:
-    server = uvicorn.Server(uvicorn.Config(_app, timeout_graceful_shutdown=20))
-    for sig in SIGNALS:
-        signal.signal(sig, server.handle_exit)
+    server = _uvicorn_server(timeout_graceful_shutdown=20)
     gate = Gate()
     unwatch = uvicorn_shutdown.watch_shutdown(gate)
     signal.raise_signal(signal.SIGTERM)
@@ -100,9 +108,7 @@ async def test_uvicorn_gets_the_signal_once_the_stream_connections_are_gone(
 async def test_uvicorn_gets_a_second_sigint_at_once_after_the_first(
     signal_handlers: None,
 ) -> None:
-    server = uvicorn.Server(uvicorn.Config(_app, timeout_graceful_shutdown=1))
-    for sig in SIGNALS:
-        signal.signal(sig, server.handle_exit)
+    server = _uvicorn_server(timeout_graceful_shutdown=1)
     gate = Gate()  # never idle: a client that reads nothing
     unwatch = uvicorn_shutdown.watch_shutdown(gate)
     signal.raise_signal(signal.SIGINT)
@@ -116,9 +122,7 @@ async def test_uvicorn_gets_a_second_sigint_at_once_after_the_first(
 async def test_uvicorn_gets_the_signal_when_the_streams_take_too_long(
     signal_handlers: None,
 ) -> None:
-    server = uvicorn.Server(uvicorn.Config(_app, timeout_graceful_shutdown=1))
-    for sig in SIGNALS:
-        signal.signal(sig, server.handle_exit)
+    server = _uvicorn_server(timeout_graceful_shutdown=1)
     gate = Gate()  # never idle: a client that reads nothing
     unwatch = uvicorn_shutdown.watch_shutdown(gate)
     signal.raise_signal(signal.SIGTERM)
