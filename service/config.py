@@ -152,6 +152,13 @@ class Settings(BaseSettings):
     stream_history_seconds: float = Field(
         default=120.0, ge=0, description="Longest a message stays in a topic's recent history."
     )
+    stream_resume_slack: float = Field(
+        default=1.0,
+        ge=0,
+        le=60,
+        description="Seconds before a resume cursor's publish time, and after a catch-up's seam, "
+        "that a resume by time covers: how far out of publish order Pub/Sub may deliver.",
+    )
     fanout_prefix: str = Field(default="loopgate", pattern=r"^[a-z][a-z0-9-]{0,30}$")
     fanout_grace: float = Field(
         default=30.0, ge=0, description="Keep a topic's subscription after its last subscriber."

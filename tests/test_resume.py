@@ -21,7 +21,6 @@ from quart.testing.connections import WebsocketResponseError
 
 from service import create_app
 from service.errors import InvalidArgument, StreamClosed, Unavailable
-from service.streams import catchup
 from service.streams.cursor import (
     MAX_LENGTH,
     Cursor,
@@ -30,7 +29,7 @@ from service.streams.cursor import (
     topic_tag,
 )
 from service.streams.frames import Frame
-from service.streams.history import REORDER_SLACK, History
+from service.streams.history import History
 from service.streams.hub import FANOUT, Hub
 from service.streams.subscriber_queue import Listener
 
@@ -372,20 +371,18 @@ async def test_a_resume_storm_makes_one_catch_up_subscription(
         assert [i for i in ids if i in missed] == missed
 
 
-@pytest.mark.parametrize(("slack", "history"), [(REORDER_SLACK, 10_000), (0.0, 10_000), (0.0, 5)])
+@pytest.mark.parametrize(("slack", "history"), [(5.0, 10_000), (0.0, 10_000), (0.0, 5)])
 async def test_nothing_published_while_a_catch_up_runs_is_lost_at_the_seam(
     pubsub_emulator: Any,
     admin: PubSubAdmin,
-    monkeypatch: pytest.MonkeyPatch,
     slack: float,
     history: int,
 ) -> None:
     # Without slack, what is published after the catch-up began reaches the resumed stream
     # only through the history it joins; a history too small to hold it makes the catch-up go on.
-    monkeypatch.setattr(catchup, "REORDER_SLACK", slack)
     topic, seen = await _seen_on_a_first_app(admin)
     missed = _publish(admin, topic, 50, prefix="missed")
-    async with _app(stream_history_messages=history) as app:
+    async with _app(stream_history_messages=history, stream_resume_slack=slack) as app:
         hub = await _hub(app)
         async with (
             hub.subscribe(topic) as live,

@@ -8,17 +8,23 @@ shortest expiration, swept like the fan-out's) and serves its subscribers in rou
 subscriber waiting when a round starts is in it, so a storm of resumes after a deploy costs one
 subscription per topic per worker, not one per client. A round:
 
-1. seeks the subscription to the earliest cursor of the round, less
-   :data:`~service.streams.history.REORDER_SLACK`, and notes the time, the *seam*;
+1. seeks the subscription to the earliest cursor of the round, less the slack
+   (``LOOPGATE_STREAM_RESUME_SLACK``, :attr:`~service.streams.history.History.slack`), and notes
+   the time, the *seam*;
 2. pulls pages of messages, each serialized once and replayed to every subscriber of the round
    whose cursor it follows, until a pull brings nothing published before the seam (plus the
    slack), or nothing within :data:`QUIET_TIMEOUT`; the next page is pulled once every subscriber
    has room for it (the slow-consumer policy applies to one that takes longer than
    :data:`ROOM_WAIT`);
 3. joins each subscriber to the live stream, after what the history holds from the seam less the
-   slack: messages published near the seam may come twice, with their original messageId. The
-   seam moves later when the history forgets messages during the round (its bounds), so that the
-   catch-up reaches what the history still holds complete.
+   slack, leaving out what the round has just replayed to it: near the seam a message comes twice
+   only if Pub/Sub delivered it twice. The seam moves later when the history forgets messages
+   during the round (its bounds), so that the catch-up reaches what the history still holds
+   complete.
+
+Near the cursor, what was published within the slack before it comes again (the subscriber's
+previous worker may have sent it in another order): duplicates with their original messageId,
+by which clients drop them.
 
 Subscribers arriving during a round wait for the next one; the subscription is deleted once no
 one waits. When Pub/Sub fails, the subscribers of the catch-up are closed with 1013: they
@@ -40,7 +46,6 @@ from ..errors import CLOSE_TRY_AGAIN_LATER, ServiceError
 from .cursor import Cursor
 from .feed import Feed
 from .frames import Frame, encode_message
-from .history import REORDER_SLACK
 from .subscriber_queue import Listener
 from .subscriptions import FanoutSubscriptions
 
@@ -112,11 +117,13 @@ class CatchUp:
     async def _round(self) -> None:
         members, self.waiting = self.waiting, {}
         self.round = members
-        start = min(cursor.published for cursor in members.values()) - REORDER_SLACK
+        slack = self.feed.history.slack
+        start = min(cursor.published for cursor in members.values()) - slack
         seam = time.time()
         await self.subscriptions.seek(self.path, start, topic=self.feed.topic)
         tag, history = self.feed.tag, self.feed.history
         timeout = PULL_TIMEOUT
+        near_seam: set[str] = set()  # what the round replayed that the history may hold too
         while self.round:
             await self._room()
             try:
@@ -130,11 +137,18 @@ class CatchUp:
             # The history may have forgotten messages meanwhile (its bounds): the catch-up then
             # goes on until it reaches what the history still has complete.
             seam = max(seam, history.complete_since)
-            limit = seam + REORDER_SLACK
+            limit = seam + slack
             old = [frame for frame in frames if frame.published < limit]
+            near_seam.update(f.message_id for f in old if f.published >= seam - slack)
             for listener, cursor in list(self.round.items()):
-                since = cursor.published - REORDER_SLACK
-                listener.replay([frame for frame in old if frame.published >= since])
+                since = cursor.published - slack
+                listener.replay(
+                    [
+                        frame
+                        for frame in old
+                        if frame.published >= since and frame.message_id != cursor.message_id
+                    ]
+                )
             if received:
                 await self.admin.acknowledge(
                     subscription=self.path, ack_ids=[item.ack_id for item in received], timeout=10
@@ -142,12 +156,14 @@ class CatchUp:
             if not old:
                 break
             timeout = QUIET_TIMEOUT
-        self._join(seam)
+        self._join(seam, near_seam)
 
-    def _join(self, seam: float) -> None:
-        """Every subscriber of the round joins the live stream after the history since the seam."""
+    def _join(self, seam: float, replayed: set[str]) -> None:
+        """Every subscriber of the round joins the live stream after the history since the seam,
+        less what the round ``replayed`` to it from there."""
         feed, history = self.feed, self.feed.history
-        if history.complete_since > seam + REORDER_SLACK:
+        slack = history.slack
+        if history.complete_since > seam + slack:
             log.warning(
                 "the recent history of %s did not reach back to its catch-up: raise "
                 "LOOPGATE_STREAM_HISTORY_*; messages published around %s may be missing",
@@ -156,8 +172,11 @@ class CatchUp:
             )
         members, self.round = self.round, {}
         for listener, cursor in members.items():
-            since = max(cursor.published, seam) - REORDER_SLACK
-            replay: list[Frame] = history.since(since)
+            # Every frame of the round published since then was replayed to this subscriber.
+            since = max(cursor.published, seam) - slack
+            replay: list[Frame] = [
+                frame for frame in history.since(since) if frame.message_id not in replayed
+            ]
             feed.join(listener, replay)
 
     async def _room(self) -> None:

@@ -24,10 +24,6 @@ from .cursor import Cursor
 from .frames import Frame
 
 CLOCK_SKEW = 1.0  # seconds Pub/Sub's publish times may be behind this host's clock
-# Seconds before a cursor's publish time from which a resume by time replays: Pub/Sub delivers
-# out of publish order, so the subscriber's old worker may have sent it a message before older
-# ones it had not received yet. These come again: duplicates, with their original messageId.
-REORDER_SLACK = 5.0
 
 
 class History:
@@ -37,6 +33,11 @@ class History:
         self.max_messages = settings.stream_history_messages
         self.max_bytes = settings.stream_history_bytes
         self.max_age = settings.stream_history_seconds
+        # Seconds before a cursor's publish time from which a resume by time replays
+        # (LOOPGATE_STREAM_RESUME_SLACK): Pub/Sub delivers out of publish order, so the
+        # subscriber's old worker may have sent it a message before older ones it had not
+        # received yet. These come again: duplicates, with their original messageId.
+        self.slack = settings.stream_resume_slack
         self._loop = asyncio.get_running_loop()
         self._frames: deque[tuple[float, Frame]] = deque()  # (arrival, loop clock), frame
         self._first = 0  # the sequence number of _frames[0]
@@ -77,14 +78,14 @@ class History:
 
         The cursor's message in the history: every frame after it (the subscriber was handed
         the same frames in the same order). Otherwise, when the history is complete from
-        :data:`REORDER_SLACK` before the cursor's publish time: every frame published since
+        :attr:`slack` before the cursor's publish time: every frame published since
         then.
         """
         self._trim(self._loop.time())
         seq = self._seq_of.get(cursor.message_id) if cursor.message_id else None
         if seq is not None:
             return [frame for _, frame in islice(self._frames, seq - self._first + 1, None)]
-        since = cursor.published - REORDER_SLACK
+        since = cursor.published - self.slack
         if since < self.complete_since:
             return None
         return self.since(since)

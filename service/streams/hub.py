@@ -52,7 +52,6 @@ from .cursor import Cursor, Resumption
 from .feed import Feed
 from .frames import Frame, encode_message
 from .gate import GATE, ConnectionGate
-from .history import REORDER_SLACK
 from .subscriber_queue import Listener
 from .subscriptions import FanoutSubscriptions
 
@@ -180,7 +179,7 @@ class Hub:
             if feed.retention is reading:
                 feed.retention = None
             retention = 0.0
-        since = cursor.published - REORDER_SLACK
+        since = cursor.published - feed.history.slack
         replay = feed.history.after(cursor)  # it may reach back far enough by now
         if replay is not None:
             listener.resumption = Resumption(resumed=True, complete=True)
