@@ -8,6 +8,7 @@ import contextlib
 import json
 import re
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,6 +29,7 @@ from service.streams.cursor import (
     encode_cursor,
     topic_tag,
 )
+from service.streams.feed import Feed
 from service.streams.frames import Frame
 from service.streams.history import History
 from service.streams.hub import FANOUT, Hub
@@ -86,6 +88,80 @@ async def test_a_history_of_no_messages_serves_no_resume_by_id() -> None:
     history.extend([_frame(1)])
     assert len(history) == 0
     assert history.after(Cursor(int(_frame(1).published * 1e6), "1")) in (None, [])
+
+
+@pytest.mark.parametrize(
+    ("messages", "size", "age", "binding"),
+    [(500, 10**6, 60.0, "messages"), (10**5, 30_000, 60.0, "bytes"), (10**5, 10**6, 0.1, "age")],
+)
+async def test_the_history_stays_within_its_bounds_at_50000_deliveries_a_second(
+    messages: int, size: int, age: float, binding: str
+) -> None:
+    # The feed's own path: 5,000 messages a second handed to 10 subscribers for 2 s, with one
+    # bound ("binding") small enough to be reached again and again.
+    settings = make_settings(
+        stream_history_messages=messages,
+        stream_history_bytes=size,
+        stream_history_seconds=age,
+        stream_queue_size=20_000,
+    )
+    feed = Feed("busy", "projects/p/subscriptions/s", settings)
+    feed.history.restart(since=time.time())
+    listeners = [
+        Listener("busy", capacity=20_000, close_when_full=False, max_frame=500) for _ in range(10)
+    ]
+    for listener in listeners:
+        feed.join(listener, [])
+    received = [0] * len(listeners)
+
+    async def consume(index: int, listener: Listener) -> None:
+        while True:
+            received[index] += len((await listener.get()).frames)
+
+    consumers = [asyncio.create_task(consume(i, lst)) for i, lst in enumerate(listeners)]
+    loop = asyncio.get_running_loop()
+    rate, seconds, sent, largest, largest_bytes, oldest_age = 5_000, 2.0, 0, 0, 0, 0.0
+    start = loop.time()
+    try:
+        while (elapsed := loop.time() - start) < seconds:
+            due = int(elapsed * rate) - sent
+            length = 60 + sent % 90  # texts of 60 to 149 bytes
+            frames = [Frame(str(n), "x" * length, time.time()) for n in range(sent, sent + due)]
+            sent += due
+            feed.fanout(frames)
+            history = feed.history
+            held = history.since(0)
+            held_bytes = sum(len(frame.text) for frame in held)
+            assert len(held) <= messages
+            assert held_bytes <= size
+            assert len(history._seq_of) <= len(held)  # no id outlives its frame
+            if held:
+                age_now = time.time() - held[0].published
+                assert age_now <= age + 0.05  # trimmed when frames are added
+                oldest_age = max(oldest_age, age_now)
+                # Completeness never claims a forgotten frame.
+                assert history.complete_since <= held[0].published + 1e-6
+            largest, largest_bytes = max(largest, len(held)), max(largest_bytes, held_bytes)
+            await asyncio.sleep(0.005)
+        feed.flush()
+        async with asyncio.timeout(WAIT):
+            while min(received) < sent:
+                await asyncio.sleep(0.01)
+    finally:
+        for task in consumers:
+            task.cancel()
+        feed.cancel_flush()
+    assert sent >= 0.9 * rate * seconds
+    assert sum(received) == sent * len(listeners)  # every delivery made, none dropped
+    # The binding bound was reached, not merely respected by a history that stayed small.
+    reached = {
+        "messages": largest == messages,
+        "bytes": largest_bytes > size - 150,
+        "age": oldest_age > age / 2,
+    }
+    assert reached[binding], (largest, largest_bytes, oldest_age)
+    first = Cursor(int(feed.history.since(0)[0].published * 1e6) - 1, "0")
+    assert feed.history.after(first) is None  # the forgotten first message is not served
 
 
 # -- through the app and the emulator ---------------------------------------------------------
