@@ -33,6 +33,7 @@ import aiohttp
 import pytest
 from google.api_core.exceptions import DeadlineExceeded
 from google.cloud import pubsub_v1
+from google.protobuf import duration_pb2
 from quart import Quart
 from quart.typing import TestClientProtocol
 
@@ -62,9 +63,14 @@ class PubSubAdmin:
     subscriber: pubsub_v1.SubscriberClient
     project: str = PROJECT
 
-    def create_topic(self, name: str | None = None) -> str:
+    def create_topic(self, name: str | None = None, *, retention: int | None = None) -> str:
+        """A new topic; with ``retention``, retaining its messages that many seconds (the
+        emulator retains only for a topic created so)."""
         name = name or f"t-{uuid.uuid4().hex[:12]}"
-        self.publisher.create_topic(name=self.publisher.topic_path(self.project, name))
+        request: dict[str, Any] = {"name": self.publisher.topic_path(self.project, name)}
+        if retention:
+            request["message_retention_duration"] = duration_pb2.Duration(seconds=retention)
+        self.publisher.create_topic(request=request)
         return name
 
     def create_subscription(self, topic: str, *, ordering: bool = False) -> str:
