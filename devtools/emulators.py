@@ -84,6 +84,7 @@ class Emulator:
         self._log = os.fdopen(fd, "wb")
         self.process = subprocess.Popen(
             self.command(),
+            cwd=Path(__file__).resolve().parents[1],  # the repository: ``-m devtools...`` works
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -154,8 +155,8 @@ class StorageEmulator(Emulator):
     def command(self) -> list[str]:
         return [
             sys.executable,
-            "-c",
-            "from gcp_storage_emulator.__main__ import main; main()",
+            "-m",
+            "devtools.storage_emulator",  # refuses truncated bodies, as Cloud Storage does
             "start",
             "--host=127.0.0.1",
             f"--port={self.port}",

@@ -130,9 +130,8 @@ async def put_object(bucket: str, name: str) -> Response:
     metrics.STORAGE_TRANSFERS.labels(direction="up").inc()
     try:
         if length is not None and length <= settings.storage_chunk_bytes:
-            received = [chunk async for chunk in chunks]
             resource = await client.upload_small(
-                bucket, name, received, content_type=content_type, if_absent=if_absent
+                bucket, name, chunks, size=length, content_type=content_type, if_absent=if_absent
             )
         else:
             resource = await client.upload_stream(

@@ -15,8 +15,9 @@ What gcloud-aio-storage does here, and what it cannot:
   measures the length by seeking and sends the whole stream in one call), so an upload could not
   be fed from a request body as it arrives, and even a small one would be copied into one buffer
   first. Uploads therefore use the loop's session directly. A body of known length up to
-  ``storage_chunk_bytes`` is received whole, then sent as the chunks it arrived in, in one simple
-  upload (:meth:`StorageClient.upload_small`); a larger one runs a resumable upload
+  ``storage_chunk_bytes`` is forwarded as it arrives in one simple upload
+  (:meth:`StorageClient.upload_small`; Cloud Storage makes no object of a request whose body
+  ends early); a larger one runs a resumable upload
   (:meth:`StorageClient.upload_stream`): the body's chunks are forwarded as they arrive, and the
   object exists only once the last byte is in. An upload cut short leaves an unfinished upload
   session, never an object; Cloud Storage discards such sessions after a week.
@@ -27,7 +28,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, cast
 from urllib.parse import quote
@@ -131,14 +132,16 @@ class StorageClient:
         self,
         bucket: str,
         name: str,
-        chunks: Sequence[bytes],
+        chunks: AsyncIterator[bytes],
         *,
+        size: int,
         content_type: str,
         if_absent: bool,
     ) -> dict[str, Any]:
-        """Upload a body already received, in one request (a simple, ``uploadType=media`` upload).
-
-        The chunks go out as they are, one write each, with no copy into one buffer.
+        """Upload a body of a known, small ``size`` in one request (a simple, ``uploadType=media``
+        upload), forwarding each chunk as it arrives: no second request to open a session, and
+        nothing held back until the whole body is in. Errors raised by ``chunks`` abort the
+        upload and are raised as they are.
         """
         url = f"{self.api_root}/upload/storage/v1/b/{quote(bucket, safe='')}/o"
         params = {"uploadType": "media", "name": name}
@@ -146,10 +149,11 @@ class StorageClient:
             params["ifGenerationMatch"] = "0"
         headers = await self._auth()
         headers["Content-Type"] = content_type
-        headers["Content-Length"] = str(sum(len(chunk) for chunk in chunks))
-        with translate(bucket, name):
+        headers["Content-Length"] = str(size)
+        body = BodyError.watch(chunks)
+        with translate(bucket, name), body.reraise():
             async with self.session.post(
-                url, params=params, headers=headers, data=_each(chunks), timeout=self.timeout
+                url, params=params, headers=headers, data=body.iterate(), timeout=self.timeout
             ) as response:
                 await raise_for_status(response)
                 return cast(dict[str, Any], await response.json(content_type=None))
@@ -270,11 +274,6 @@ class StorageClient:
                 await self.storage.list_buckets(
                     project, params={"maxResults": "1"}, timeout=cast(int, bounded)
                 )
-
-
-async def _each(chunks: Sequence[bytes]) -> AsyncIterator[bytes]:
-    for chunk in chunks:
-        yield chunk
 
 
 async def create_storage() -> StorageClient:
