@@ -148,6 +148,23 @@ async def test_spans_from_the_request_to_the_publish_call(
     assert {link.context.span_id for c in creates for link in c.links} == publish_ids
 
 
+async def test_no_context_where_pubsub_allows_no_more_attributes(
+    traced: tuple[Quart, InMemorySpanExporter], topic: Topic
+) -> None:
+    app, exporter = traced
+    full = {f"k{i}": "v" for i in range(100)}  # Pub/Sub's limit per message
+    response = await app.test_client().post(
+        f"/v1/topics/{topic.name}:publish",
+        json={"messages": [{"data": _data("full"), "attributes": full}, {"data": _data("x")}]},
+        headers={"traceparent": TRACEPARENT_HEADER},
+    )
+    assert response.status_code == 200, await response.get_data()
+    received = {m.data: m for m in topic.received(2)}
+    assert dict(received[b"full"].attributes) == full
+    assert TRACEPARENT in received[b"x"].attributes
+    assert len(_named(exporter.get_finished_spans(), f"{topic.name} create")) == 2
+
+
 async def test_a_client_error_is_no_server_error(
     traced: tuple[Quart, InMemorySpanExporter], topic: Topic
 ) -> None:
