@@ -28,6 +28,7 @@ one), made once per process and shut down, flushing what waits, when the app sto
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -111,7 +112,9 @@ class Tracing:
             try:
                 yield span
             except BaseException as exc:
-                status = getattr(exc, "status_code", None) or getattr(exc, "code", None) or 500
+                status = getattr(exc, "status_code", None) or getattr(exc, "code", None)
+                if not isinstance(status, int):
+                    status = 500
                 span.set_attribute("http.response.status_code", status)
                 span.set_attribute("error.type", type(exc).__qualname__)
                 if status >= 500:  # a client's error is no error of the server's span
@@ -200,8 +203,6 @@ class Tracing:
         self._serving += 1
 
     async def _stopped(self) -> None:
-        import asyncio
-
         self._serving -= 1
         if self._serving <= 0:
             # After the clients closed (the publisher's last calls have their spans): exporting
@@ -374,7 +375,7 @@ def _from_environment() -> Tracing | None:
         processors = [BatchSpanProcessor(_exporter(name)) for name in names]
     except ImportError as exc:
         raise SettingsError(
-            f"OTEL_TRACES_EXPORTER={os.environ['OTEL_TRACES_EXPORTER']} needs {exc.name}: "
+            f"OTEL_TRACES_EXPORTER={os.environ['OTEL_TRACES_EXPORTER']} needs {exc.name or exc}: "
             "pip install 'loopgate[otel]'"
         ) from None
     return Tracing(_provider(processors))
@@ -395,7 +396,13 @@ def _exporter(name: str) -> SpanExporter:
 
         return OTLPSpanExporter()  # endpoint, headers, timeout...: from OTEL_EXPORTER_OTLP_*
     if protocol == "grpc":  # needs opentelemetry-exporter-otlp-proto-grpc, not in the extra
-        grpc = importlib.import_module("opentelemetry.exporter.otlp.proto.grpc.trace_exporter")
+        try:
+            grpc = importlib.import_module("opentelemetry.exporter.otlp.proto.grpc.trace_exporter")
+        except ImportError:
+            raise SettingsError(
+                "OTEL_EXPORTER_OTLP_PROTOCOL=grpc needs opentelemetry-exporter-otlp-proto-grpc: "
+                "pip install it, or export over http/protobuf (the default)"
+            ) from None
         exporter: SpanExporter = grpc.OTLPSpanExporter()
         return exporter
     raise SettingsError(

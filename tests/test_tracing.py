@@ -287,6 +287,19 @@ def test_unsupported_protocol_is_a_settings_error(monkeypatch: pytest.MonkeyPatc
         create_app(make_settings())
 
 
+def test_grpc_without_its_exporter_is_a_settings_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    try:
+        import opentelemetry.exporter.otlp.proto.grpc  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("the gRPC exporter is installed here")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    with pytest.raises(SettingsError, match="opentelemetry-exporter-otlp-proto-grpc"):
+        create_app(make_settings())
+
+
 @pytest.mark.parametrize(("service", "expected"), [(None, "loopgate"), ("edge-gw", "edge-gw")])
 def test_service_name_from_the_environment(
     monkeypatch: pytest.MonkeyPatch, service: str | None, expected: str

@@ -178,8 +178,8 @@ async def _publish(topic: str) -> Response:
     traced = tracing.current()  # None unless the app traces (service/tracing.py)
     if traced is None:
         return await _publish_messages(topic, None)
-    assert request.url_rule is not None
-    with traced.request_span(request.headers, request.url_rule.rule, topic):
+    rule = request.url_rule.rule if request.url_rule is not None else request.path
+    with traced.request_span(request.headers, rule, topic):
         return await _publish_messages(topic, traced)
 
 
