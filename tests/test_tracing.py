@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import PROJECT, WAIT, Topic, make_settings
+from conftest import PROJECT, WAIT, Topic, clean_exits, make_settings
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan, Tracer, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -21,6 +21,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from quart import Quart
 
 from devtools.emulators import free_port
+from devtools.servers import DEFAULT_SERVER
 from service import create_app
 from service.config import SettingsError
 from service.tracing import EXTENSION, TRACEPARENT, init_tracing
@@ -357,7 +358,7 @@ async def collector() -> AsyncIterator[tuple[Collector, int]]:
 
 
 @pytest.mark.server
-async def test_real_server_exports_the_trace_over_otlp(
+async def test_real_server_exports_the_trace_over_otlp_when_it_stops(
     start_server: Any, topic: Topic, collector: tuple[Collector, int]
 ) -> None:
     receiver, port = collector
@@ -365,7 +366,8 @@ async def test_real_server_exports_the_trace_over_otlp(
         {
             "OTEL_TRACES_EXPORTER": "otlp",
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{port}/v1/traces",
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            # Nothing is exported before the server stops: its shutdown flushes what waits.
+            "OTEL_BSP_SCHEDULE_DELAY": "600000",
             "OTEL_SERVICE_NAME": "loopgate-test",
         }
     )
@@ -382,6 +384,9 @@ async def test_real_server_exports_the_trace_over_otlp(
         await ws.close()
     assert _trace_id(frame["attributes"][TRACEPARENT]) == TRACE_ID
     assert _trace_id(topic.received(1)[0].attributes[TRACEPARENT]) == TRACE_ID
+    assert receiver.spans == []
+    # In a thread: the server's exporter posts to the collector on this loop as it stops.
+    assert await asyncio.to_thread(server.stop) in clean_exits(DEFAULT_SERVER)
     spans = await receiver.until(
         {
             "POST /v1/topics/{topic}:publish",
