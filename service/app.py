@@ -21,6 +21,7 @@ from .openapi import init_openapi
 from .routes import health, publish, storage, subscribe
 from .streams.gate import GATE
 from .streams.hub import FANOUT
+from .tracing import init_tracing
 
 log = logging.getLogger("loopgate")
 
@@ -36,12 +37,14 @@ def create_app(
             created, checked and closed per event loop like the built-in ones.
 
     Raises:
-        SettingsError: a ``LOOPGATE_*`` variable is unknown or invalid.
+        SettingsError: a ``LOOPGATE_*`` variable is unknown or invalid, or
+            ``OTEL_TRACES_EXPORTER`` names an exporter that is unknown or not installed.
     """
     settings = settings if settings is not None else load_settings()
     configure_logging(settings.log_format, settings.log_level)
     app = Quart("loopgate")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    init_tracing(app)  # off unless OTEL_TRACES_EXPORTER names an exporter
     init_openapi(app, security_schemes=SECURITY_SCHEMES)
     init_request_ids(app)
     init_auth(app, settings)

@@ -21,7 +21,7 @@ from quart import Blueprint, Response, request
 from quart_schema import document_request, document_response
 from werkzeug.exceptions import RequestTimeout
 
-from .. import metrics
+from .. import metrics, tracing
 from ..auth.access import requires
 from ..auth.limits import publish_limited
 from ..clients import get_publisher
@@ -175,6 +175,15 @@ async def _body() -> bytes:
 
 
 async def _publish(topic: str) -> Response:
+    traced = tracing.current()  # None unless the app traces (service/tracing.py)
+    if traced is None:
+        return await _publish_messages(topic, None)
+    rule = request.url_rule.rule if request.url_rule is not None else request.path
+    with traced.request_span(request.headers, rule, topic):
+        return await _publish_messages(topic, traced)
+
+
+async def _publish_messages(topic: str, traced: tracing.Tracing | None) -> Response:
     settings = current_settings()  # once: each lookup goes through the app's client registry
     check_topic(topic, settings)
     try:
@@ -183,12 +192,19 @@ async def _publish(topic: str) -> Response:
     except ValidationError as exc:
         raise InvalidArgument(describe_validation_error(exc)) from None
     messages = to_outgoing(body)
+    path = settings.topic_path(topic)
+    trace = None if traced is None else traced.start_creates(path, messages)
     try:
         publisher = await get_publisher()
-        ids = await publisher.publish(settings.topic_path(topic), messages)
-    except ServiceError as exc:
-        metrics.PUBLISH_REQUESTS.labels(outcome=type(exc).__name__).inc()
+        ids = await publisher.publish(path, messages, trace)
+    except BaseException as exc:
+        if trace is not None:
+            trace.end(error=exc)
+        if isinstance(exc, ServiceError):
+            metrics.PUBLISH_REQUESTS.labels(outcome=type(exc).__name__).inc()
         raise
+    if trace is not None:
+        trace.end(ids)
     _OK.inc()
     return Response(json.dumps({"messageIds": ids}), content_type="application/json")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from .. import metrics
+from .. import metrics, tracing
 from ..clients.pubsub.streaming_pull import StreamingPull
 from ..config import Settings
 from .cursor import topic_tag
@@ -66,6 +66,7 @@ class Feed:
         self._flushed = float("-inf")
         self._chunk: Chunk | None = None  # the last hand-over's, in every queue that was empty
         self._unrung = False  # queues were filled while the bell's round was under way
+        self._tracing = tracing.current()  # None unless the app traces (service/tracing.py)
 
     @property
     def flush_scheduled(self) -> bool:
@@ -167,9 +168,17 @@ class Feed:
         if extend and self._chunk is not None:
             extending = (self._chunk, Chunk(self._chunk.frames + frames))
         self.history.extend(frames)
+        traced = self._tracing
+        spans = None
+        if traced is not None and unacked:
+            spans = traced.start_deliveries(
+                self.topic, self.subscription, unacked, len(self.listeners)
+            )
         dropped = 0
         for listener in tuple(self.listeners):
             dropped += listener.put_many(frames, chunk, wake=False, extending=extending)
+        if spans:
+            tracing.end_deliveries(spans, dropped)
         self._chunk = chunk
         for message in unacked:
             message.ack()

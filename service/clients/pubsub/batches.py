@@ -58,6 +58,7 @@ class Batch:
     owners: list[tuple[Request, int, int]] = field(default_factory=list)
     size: int = 0
     timer: asyncio.Handle | None = None
+    trace: Any = None  # a service.tracing.BatchTrace when it carries traced messages
 
     def __post_init__(self) -> None:
         self.request = RAW_REQUEST(topic=self.topic)

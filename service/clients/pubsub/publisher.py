@@ -22,10 +22,12 @@ A caller is answered only once Pub/Sub has returned the ids, so an answered mess
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from google.api_core import exceptions as gexc
 from google.api_core.retry import AsyncRetry, if_exception_type
@@ -38,6 +40,9 @@ from ...loopclients import ForeignLoopError
 from .batches import Batch, BatchSettings, Request
 from .errors import translate
 from .messages import RAW_RESPONSE_OF, OutgoingMessage, wire_size
+
+if TYPE_CHECKING:
+    from ...tracing import PublishTrace
 
 log = logging.getLogger("loopgate.publisher")
 
@@ -90,10 +95,16 @@ class Publisher:
             return time.monotonic() - started
         return 0.0
 
-    async def publish(self, topic: str, messages: Sequence[OutgoingMessage]) -> list[str]:
+    async def publish(
+        self,
+        topic: str,
+        messages: Sequence[OutgoingMessage],
+        trace: PublishTrace | None = None,
+    ) -> list[str]:
         """Publish ``messages`` to ``topic`` (a full path).
 
-        Returns the message ids in the order of ``messages``.
+        Returns the message ids in the order of ``messages``. ``trace``: the messages' create
+        spans (see :mod:`service.tracing`), when the app traces; their batches' calls get spans.
 
         Raises:
             PublisherOverloaded: the pending bounds are reached; nothing was accepted.
@@ -122,7 +133,7 @@ class Publisher:
         request = Request(self._loop, len(messages))
         start = 0
         while start < len(messages):
-            start = self._add(topic, messages, sizes, request, start)
+            start = self._add(topic, messages, sizes, request, start, trace)
         started = time.perf_counter()
         ids = await request.future
         metrics.PUBLISH_LATENCY.observe(time.perf_counter() - started)
@@ -135,6 +146,7 @@ class Publisher:
         sizes: list[int],
         request: Request,
         start: int,
+        trace: PublishTrace | None,
     ) -> int:
         """Add the run of ``messages`` from ``start`` that goes into one batch; returns its end.
 
@@ -176,6 +188,8 @@ class Publisher:
                 )
             else:
                 add(data=message.data, ordering_key=ordering_key)
+        if trace is not None:
+            trace.add_to(batch, start, end)
         batch.count += end - start
         batch.owners.append((request, start, end - start))
         batch.size = size
@@ -247,11 +261,12 @@ class Publisher:
                     raise _ordering_error(batch.ordering_key)
             self._calls[id(batch)] = time.monotonic()
             try:
-                response = await self._client.publish(
-                    request=PublishRequest.wrap(batch.request),
-                    retry=self._retry,
-                    timeout=min(60.0, self._settings.timeout),
-                )
+                with _NO_SPAN if batch.trace is None else batch.trace.publish_span(batch):
+                    response = await self._client.publish(
+                        request=PublishRequest.wrap(batch.request),
+                        retry=self._retry,
+                        timeout=min(60.0, self._settings.timeout),
+                    )
             except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
                 if not isinstance(exc, gexc.NotFound):  # a missing topic is no batch error
                     metrics.PUBLISH_BATCH_ERRORS.labels(reason=type(exc).__name__).inc()
@@ -296,6 +311,9 @@ class Publisher:
             await self.flush()
         finally:
             await self._client.transport.close()  # type: ignore[no-untyped-call]  # unannotated in the generated client
+
+
+_NO_SPAN = contextlib.nullcontext()
 
 
 def _ordering_error(ordering_key: str) -> BackendError:
