@@ -203,6 +203,27 @@ class Settings(BaseSettings):
         description="Seconds a download's client may take nothing before the download is ended "
         "and its backend connection released.",
     )
+    # Signed URLs and upload sessions for direct transfers (service/routes/storage_signed.py).
+    signed_url_max_seconds: int = Field(
+        default=3600,
+        ge=1,
+        le=604_800,
+        description="Longest lifetime a signed URL may be asked for (seconds; Cloud Storage "
+        "allows at most 7 days); a longer request is refused with 400.",
+    )
+    signing_service_account: str | None = Field(
+        default=None,
+        pattern=r"^[^@\s/]+@[^@\s/]+$",
+        description="Service account whose key signs URLs through the IAM signBlob API. Default: "
+        "the key of GOOGLE_APPLICATION_CREDENTIALS if it is a service-account key file, else "
+        "the runtime's own service account (from the metadata server).",
+    )
+    iam_endpoint: str = Field(
+        default="https://iamcredentials.googleapis.com",
+        pattern=r"^https?://[^/\s]+/?$",
+        description="Base URL of the IAM Credentials API that signs URLs without a key; change it "
+        "only for tests or a private endpoint.",
+    )
     http_max_connections: int = Field(
         default=256,
         ge=1,
