@@ -11,7 +11,7 @@ The token file (``LOOPGATE_AUTH_FILE``) is TOML and holds digests, never tokens:
     max_connections = 10
 
 A scope is ``ACTION:RESOURCE``; the resource may be ``*`` (any) or end with ``*`` (a prefix). Make a
-token and its entry with ``python -m service.auth.tokens NAME SCOPE...``.
+token and its entry with ``loopgate token create NAME SCOPE...``.
 """
 
 from __future__ import annotations
@@ -203,14 +203,13 @@ def entry_toml(name: str, token: str, scopes: list[str]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m service.auth.tokens NAME SCOPE...``: print a new token and its file entry."""
+    """``python -m service.auth.tokens NAME SCOPE...``: ``loopgate token create NAME SCOPE...``."""
     if len(argv) < 2 or argv[0].startswith("-"):
-        print("usage: python -m service.auth.tokens NAME SCOPE...", file=sys.stderr)
+        print("usage: loopgate token create NAME SCOPE...", file=sys.stderr)
         return 2
-    token = new_token()
-    print(f"# token (give it to the caller; it is not stored anywhere): {token}")
-    print(entry_toml(argv[0], token, argv[1:]), end="")
-    return 0
+    from ..cli import main as cli_main
+
+    return cli_main(["token", "create", *argv])
 
 
 if __name__ == "__main__":
