@@ -13,6 +13,7 @@ from werkzeug.exceptions import MethodNotAllowed, RequestEntityTooLarge
 from werkzeug.exceptions import NotFound as HTTPNotFound
 
 from service import errors
+from service.clients.storage.signing import SigningUnavailable
 from service.error_responses import close_frame, error_response, register_error_handlers
 from service.errors import (
     CANONICAL_STATUS,
@@ -73,6 +74,7 @@ EXAMPLES: list[tuple[ServiceError, int, str]] = [
     (PublisherOverloaded("full"), 503, "UNAVAILABLE"),
     (BackendError("pubsub", "down"), 503, "UNAVAILABLE"),
     (NotReady("down", clients={}), 503, "UNAVAILABLE"),
+    (SigningUnavailable("no signer"), 503, "UNAVAILABLE"),
 ]
 
 
