@@ -22,6 +22,8 @@ import aiohttp
 import pytest
 from conftest import WAIT, PubSubAdmin, clean_exits
 
+from service.sdk import Subscribed, subscribe
+
 RATE = 40.0  # messages per second published through the balancer
 SECONDS_OF_DUPLICATES = 1.5  # the most a client may receive twice, in seconds of messages
 
@@ -151,6 +153,20 @@ async def sse_subscriber(
         got.reconnects += 1
 
 
+async def python_client_subscriber(
+    session: aiohttp.ClientSession, url: str, topic: str, got: Received, stop: asyncio.Event
+) -> None:
+    """loopgate's Python client, which reconnects, resumes and drops duplicates by itself."""
+
+    def status(notice: object) -> None:
+        if isinstance(notice, Subscribed):
+            got.first_frames.append({"resumed": notice.resumed, "complete": notice.complete})
+
+    async with subscribe(url, topic, session=session, on_status=status) as messages:
+        async for message in messages:
+            got.ids.append(message.message_id)
+
+
 @contextlib.asynccontextmanager
 async def publishing(
     session: aiohttp.ClientSession, url: str, topic: str
@@ -209,8 +225,8 @@ async def test_a_rolling_restart_loses_nothing_for_any_client(
     b = await start_server(server=server_name, wait="/readyz")
     balancer = await Balancer(a.port).start()
     stop = asyncio.Event()
-    clients = [Received("websocket"), Received("sse")]
-    kinds = [websocket_subscriber, sse_subscriber]
+    clients = [Received("websocket"), Received("sse"), Received("python client")]
+    kinds = [websocket_subscriber, sse_subscriber, python_client_subscriber]
     try:
         async with aiohttp.ClientSession() as session:
             tasks = [
