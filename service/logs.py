@@ -17,7 +17,7 @@ python/cpython#113690, is not in the Python 3.11.7 this was seen on).
 Under uvicorn and granian the access log is :class:`AccessLog`, an ASGI middleware writing the
 same fields through ``loopgate.access``: uvicorn's own access line is written when the response
 starts (no size, no duration) and holds the query string, granian's has no size and no request
-id. Their own access logs are off in the production flags (devtools/servers.py); if one is turned
+id. Their own access logs are off in the production flags (service/server/commands.py); if one is turned
 on, the formatter writes its lines without the query string too.
 
 Credentials and message data are never passed to a logger. As a second line of defence the formatter

@@ -93,7 +93,8 @@ class StorageClient:
         # gcloud-aio types its timeouts as int but hands a ClientTimeout through unchanged.
         self._aio_timeout = cast(int, self.timeout)
 
-    async def _auth(self) -> dict[str, str]:
+    async def auth_headers(self) -> dict[str, str]:
+        """The headers that authorize a request of this client's own (none on the emulator)."""
         if self.emulator:
             return {}
         return {"Authorization": f"Bearer {await self.storage.token.get()}"}
@@ -147,7 +148,7 @@ class StorageClient:
         params = {"uploadType": "media", "name": name}
         if if_absent:
             params["ifGenerationMatch"] = "0"
-        headers = await self._auth()
+        headers = await self.auth_headers()
         headers["Content-Type"] = content_type
         headers["Content-Length"] = str(size)
         body = BodyError.watch(chunks)
@@ -209,7 +210,7 @@ class StorageClient:
         params = {"uploadType": "resumable"}
         if if_absent:
             params["ifGenerationMatch"] = "0"
-        headers = await self._auth()
+        headers = await self.auth_headers()
         headers["Content-Type"] = "application/json; charset=UTF-8"
         headers["X-Upload-Content-Type"] = content_type
         if size is not None:
@@ -227,7 +228,7 @@ class StorageClient:
     ) -> dict[str, Any]:
         """Send ``length`` bytes at ``start``; the object's resource once ``total`` is reached,
         ``{}`` while the upload is incomplete."""
-        headers = await self._auth()
+        headers = await self.auth_headers()
         end = "*" if total is None else str(total)
         headers["Content-Length"] = str(length)
         headers["Content-Range"] = (

@@ -36,7 +36,7 @@ async def start_upload_session(
         NotFound, PermissionDenied, BackendError, Unavailable: as :func:`translate` maps them.
     """
     url = f"{client.api_root}/upload/storage/v1/b/{quote(bucket, safe='')}/o"
-    headers = await client._auth()
+    headers = await client.auth_headers()
     headers["Content-Type"] = "application/json; charset=UTF-8"
     metadata: dict[str, str] = {"name": name}
     if content_type is not None:

@@ -1,7 +1,7 @@
 """What loopgate changes in Granian: nothing in the process; its limits are flags.
 
 Granian's HTTP and websockets run in Rust (hyper, tungstenite), out of reach of Python, so its
-limits are the production flags of devtools/servers.py:
+limits are the production flags of service/server/commands.py:
 
 * the request head: ``--http1-buffer-size 16384`` (hyper answers 431 above it, and above 100
   headers) and ``--http2-max-headers-size 16384``;

@@ -15,7 +15,7 @@ Hypercorn:
 
 :class:`HttpToolsProtocol` is uvicorn's, with those added, and ``--http
 service.server.uvicorn.adapt:HttpToolsProtocol`` (uvicorn takes an import string there) is in
-the production flags (devtools/servers.py). A head larger than ``--h11-max-incomplete-event-size``
+the production flags (service/server/commands.py). A head larger than ``--h11-max-incomplete-event-size``
 (16 KiB) is answered 431 and its connection closed; a head must be complete within
 ``--timeout-keep-alive`` of the connection's start or of the previous response's end, however
 slowly it comes; the ``Sec-WebSocket-Extensions`` offer is dropped before the websocket
