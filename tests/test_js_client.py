@@ -182,6 +182,6 @@ async def test_the_javascript_client_under_node(
     text = output.decode(errors="replace")
     server_log = control.server.log() if control.server is not None else ""
     assert process.returncode == 0, f"node --test failed:\n{text}\n--- server log:\n{server_log}"
-    counts = dict(re.findall(r"^\W*(pass|fail|cancelled) (\d+)$", text, re.MULTILINE))
+    counts = dict(re.findall(r"^\S*\s*(pass|fail|cancelled) (\d+)$", text, re.MULTILINE))
     assert counts.get("fail") == "0" and counts.get("cancelled") == "0", text
     assert int(counts.get("pass", "0")) > 0, f"node ran no test:\n{text}"

@@ -10,10 +10,12 @@
  *     onMessage: (msg) => console.log(msg.messageId, msg.text, msg.attributes),
  *     onStatus: (status) => console.log(status.state, status),
  *   });
- *   await publish("https://loopgate.example.com", "orders", [{ data: "hello" }], { token: "TOKEN" });
+ *   const base = "https://loopgate.example.com";
+ *   await publish(base, "orders", [{ data: "hello" }], { token: "TOKEN" });
  *   sub.close();
  *
- * subscribe(baseUrl, topic, options) returns a Subscription { close(), lastEventId, closed, state }.
+ * subscribe(baseUrl, topic, options) returns a Subscription:
+ *   { close(), lastEventId, closed, state }.
  * Options:
  *   token           the API token or JWT; or a function (sync or async) called before each
  *                   connection, for tokens that expire.
@@ -111,7 +113,8 @@ export function subscribe(baseUrl, topic, options = {}) {
  * Publish messages to a topic; resolves to their messageIds.
  * @param {string} baseUrl
  * @param {string} topic
- * @param {Array<{data?: string|Uint8Array|ArrayBuffer, attributes?: Object<string,string>, orderingKey?: string}>} messages
+ * @param {Array<{data?: string|Uint8Array|ArrayBuffer, attributes?: Object<string,string>,
+ *   orderingKey?: string}>} messages
  * @param {{token?: string|Function, fetch?: Function}} [options]
  * @returns {Promise<string[]>}
  */
@@ -374,7 +377,8 @@ function openWebSocket(target, options, handlers) {
   // The ws package (an EventEmitter) takes headers, and tells a refused handshake's status.
   const isNodeWs = typeof WebSocketClass.prototype?.on === "function";
   const url = new URL(`${target.base}${topicPath(target.topic)}/stream`);
-  url.protocol = url.protocol === "https:" ? "wss:" : url.protocol === "http:" ? "ws:" : url.protocol;
+  if (url.protocol === "https:") url.protocol = "wss:";
+  else if (url.protocol === "http:") url.protocol = "ws:";
   if (target.cursor) url.searchParams.set("lastEventId", target.cursor);
   let socket;
   if (isNodeWs) {
@@ -461,7 +465,7 @@ function openEventSource(target, options, handlers) {
     handlers.end(
       connection.opened
         ? { kind: "ended", opened: true }
-        : { kind: "error", error: new Error("the event stream could not be opened"), opened: false },
+        : { kind: "error", error: new Error("the event stream failed to open"), opened: false },
     );
   };
   return connection;
@@ -481,7 +485,6 @@ function openEventStream(target, options, handlers) {
       const response = await doFetch(`${target.base}${topicPath(target.topic)}/events`, {
         headers,
         signal: controller.signal,
-        cache: "no-store",
       });
       if (!response.ok) {
         const body = await response.text().catch(() => "");
@@ -615,7 +618,9 @@ function toBase64(data) {
   let bytes;
   if (typeof data === "string") bytes = new TextEncoder().encode(data);
   else if (data instanceof ArrayBuffer) bytes = new Uint8Array(data);
-  else if (ArrayBuffer.isView(data)) bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+  else if (ArrayBuffer.isView(data)) {
+    bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+  }
   else throw new TypeError("a message's data must be a string, a Uint8Array or an ArrayBuffer");
   let binary = "";
   for (let i = 0; i < bytes.length; i += 0x8000) {

@@ -170,7 +170,7 @@ for (const transport of ["websocket", "sse"]) {
     );
   });
 
-  test(`${transport}: the server going away: reconnect at once, resume, drop duplicates`, async () => {
+  test(`${transport}: the server going away: reconnect at once, resume, drop repeats`, async () => {
     await withFake(
       async (attempt, number) => {
         const channel = await attempt.accept();
@@ -212,7 +212,7 @@ for (const transport of ["websocket", "sse"]) {
     );
   });
 
-  test(`${transport}: before any message, a reconnect resumes from the subscribed frame's id`, async () => {
+  test(`${transport}: before any message, resume from the subscribed frame's id`, async () => {
     await withFake(
       async (attempt, number) => {
         const channel = await attempt.accept();

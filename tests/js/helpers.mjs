@@ -14,7 +14,7 @@ export const client = await import(pathToFileURL(required("JS_TEST_CLIENT")).hre
 
 function required(name) {
   const value = process.env[name];
-  if (!value) throw new Error(`${name} is not set: run these tests through tests/test_js_client.py`);
+  if (!value) throw new Error(`${name} is not set: run these tests with tests/test_js_client.py`);
   return value;
 }
 
