@@ -8,7 +8,7 @@ from typing import Any
 
 from quart import Quart
 
-from . import gctune, metrics, server
+from . import cors, gctune, metrics, server
 from .auth import limits
 from .auth.access import SECURITY_SCHEMES, init_auth
 from .clients import builtin_clients
@@ -18,7 +18,7 @@ from .error_responses import register_error_handlers
 from .logs import configure_logging, init_loop_logging, init_request_ids
 from .loopclients import ClientSpec, LoopClients
 from .openapi import init_openapi
-from .routes import health, publish, storage, storage_signed, subscribe
+from .routes import client, health, publish, storage, storage_signed, subscribe
 from .streams.gate import GATE
 from .streams.hub import FANOUT
 from .tracing import init_tracing
@@ -66,6 +66,8 @@ def create_app(
     app.register_blueprint(subscribe.blueprint)
     app.register_blueprint(storage.blueprint)
     app.register_blueprint(storage_signed.blueprint)
+    app.register_blueprint(client.blueprint)
+    cors.install(app, settings)  # after the routes: every HTTP answer, errors included
     register_error_handlers(app)
     init_loop_logging(app)
     server.install(app, settings)  # last: its wrappers must see every request first

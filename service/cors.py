@@ -1,0 +1,76 @@
+"""Cross-origin requests from browsers: CORS headers for the origins of ``LOOPGATE_ALLOWED_ORIGINS``.
+
+:func:`install` applies quart-cors to every HTTP route of the app (publish, SSE, storage, the
+JavaScript client, and routes added later): a preflight (``OPTIONS``) is answered by Quart's
+automatic ``OPTIONS`` response, before any view and so before authentication, and every answer,
+the JSON error responses of :mod:`service.error_responses` included, carries
+``Access-Control-Allow-Origin`` for an allowed ``Origin``, so that a page can read an error as well
+as a result. An origin not listed gets no CORS header at all (the browser then hides the answer);
+``*`` in the list allows any origin, without credentials (the token travels in ``Authorization``,
+which is not a browser credential).
+
+Websockets are not CORS requests: their ``Origin`` is checked by
+:func:`service.auth.access.check_origin` against the same list (a client without ``Origin``, not a
+browser, is let through), so quart-cors's own websocket check, which refuses a handshake without
+``Origin``, is turned off for every websocket route.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import cast
+
+from quart import Quart
+from quart.typing import WebsocketCallable
+from quart_cors import cors, cors_exempt
+
+from .config import Settings
+
+ALLOW_HEADERS = (
+    "Authorization",
+    "Content-Type",
+    "Last-Event-ID",
+    "Range",
+    "If-Range",
+    "If-None-Match",
+    "X-Request-ID",
+)
+EXPOSE_HEADERS = (
+    "Retry-After",
+    "ETag",
+    "Content-Range",
+    "Content-Length",
+    "Accept-Ranges",
+    "WWW-Authenticate",
+    "X-Goog-Generation",
+    "X-Request-ID",
+)
+ALLOW_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS")
+MAX_AGE = 600  # seconds a browser may reuse a preflight's answer
+
+
+def install(app: Quart, settings: Settings) -> None:
+    """Answer cross-origin requests from ``settings.allowed_origins`` on ``app``'s HTTP routes."""
+    cors(
+        app,
+        allow_origin=list(settings.allowed_origins),  # empty: no origin (never quart-cors' "*")
+        allow_headers=list(ALLOW_HEADERS),
+        allow_methods=list(ALLOW_METHODS),
+        expose_headers=list(EXPOSE_HEADERS),
+        allow_credentials=False,
+        max_age=MAX_AGE,
+    )
+    exempt_websockets(app)
+
+    @app.while_serving
+    async def exempt_later_websockets() -> AsyncGenerator[None, None]:
+        exempt_websockets(app)  # websocket routes registered after create_app() too
+        yield
+
+
+def exempt_websockets(app: Quart) -> None:
+    """Leave the Origin check of ``app``'s websocket routes to loopgate's own."""
+    for rule in app.url_map.iter_rules():
+        view = app.view_functions.get(rule.endpoint)
+        if getattr(rule, "websocket", False) and view is not None:
+            cors_exempt(cast(WebsocketCallable, view))
