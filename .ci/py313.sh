@@ -33,6 +33,10 @@ set -euo pipefail
 
 SUITE=trixie
 PACKAGES=python3,python3-venv,python3-dev,gcc,openjdk-21-jre-headless,git,make,procps,ca-certificates
+# Installed with apt-get once the root is made (debootstrap's own resolver is not up to their
+# dependencies): Node.js for the JavaScript client's tests, Chromium for the console's.
+EXTRA_PACKAGES="nodejs npm chromium"
+BUILT_WITH="$PACKAGES $EXTRA_PACKAGES"
 SDK_DIR=/usr/lib/google-cloud-sdk
 ROOT=${LOOPGATE_PY313_ROOT:-/var/cache/loopgate/py313-root}
 ROOT=${ROOT%/}
@@ -277,9 +281,27 @@ build_root() {
     fi
     clear_mounts "$partial"
     [[ -x $partial/usr/bin/python3 ]] || die "the root has no python3 (see $ROOT.build.log)"
+    log "installing $EXTRA_PACKAGES in the root"
+    local proxy_env=() var
+    for var in http_proxy https_proxy; do
+        [[ -n ${!var:-} ]] && proxy_env+=("$var=${!var}")
+    done
+    mount --bind /proc "$partial/proc"
+    mount --make-private "$partial/proc"
+    cp /etc/resolv.conf "$partial/etc/resolv.conf"
+    if ! chroot "$partial" /usr/bin/env -i PATH=/usr/bin:/bin:/usr/sbin:/sbin \
+        DEBIAN_FRONTEND=noninteractive "${proxy_env[@]}" /bin/sh -c \
+        "apt-get update -q && apt-get install -y -q --no-install-recommends $EXTRA_PACKAGES" \
+        >>"$ROOT.build.log" 2>&1; then
+        clear_mounts "$partial" || true
+        log "installing $EXTRA_PACKAGES failed; the end of $ROOT.build.log:"
+        tail -n 30 "$ROOT.build.log" >&2 || true
+        exit 1
+    fi
+    clear_mounts "$partial"
     mv "$partial" "$ROOT"
     printf 'suite=%s\nmirror=%s\npackages=%s\nbuilt=%s\n' \
-        "$SUITE" "$mirror" "$PACKAGES" "$(date -u +%FT%TZ)" >"$STAMP"
+        "$SUITE" "$mirror" "$BUILT_WITH" "$(date -u +%FT%TZ)" >"$STAMP"
     log "root built in $((SECONDS - started))s"
 }
 
@@ -354,7 +376,7 @@ if [[ -d $ROOT ]]; then
     stop_leftovers
     clear_mounts "$ROOT"
 fi
-if [[ ${LOOPGATE_PY313_REBUILD:-} == 1 || ! -f $STAMP ]] || ! grep -qx "packages=$PACKAGES" "$STAMP"; then
+if [[ ${LOOPGATE_PY313_REBUILD:-} == 1 || ! -f $STAMP ]] || ! grep -qx "packages=$BUILT_WITH" "$STAMP"; then
     build_root
 else
     log "reusing the root in $ROOT ($(grep '^built=' "$STAMP"))"
