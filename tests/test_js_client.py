@@ -13,12 +13,11 @@ import asyncio
 import base64
 import os
 import re
-import shutil
-import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
 
+import jskit
 import pytest
 from aiohttp import web
 from authkit import new_token, write_tokens
@@ -27,40 +26,7 @@ from google.protobuf import duration_pb2
 
 from devtools.emulators import free_port
 
-JS_TESTS = ROOT / "tests" / "js"
 NODE_TIMEOUT = 480.0  # seconds for the whole Node run (several server restarts)
-INSTALL_HINT = (
-    "the JavaScript client's tests need Node.js 20 or later and npm: install them "
-    "(Debian/Ubuntu: apt-get install nodejs npm; or https://nodejs.org), then run the tests again"
-)
-
-
-def _node() -> str:
-    node = shutil.which("node")
-    if node is None or shutil.which("npm") is None:
-        pytest.fail(INSTALL_HINT, pytrace=False)
-    version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True)
-    major = int(version.stdout.strip().lstrip("v").split(".")[0])
-    if major < 20:
-        pytest.fail(f"Node.js {version.stdout.strip()} is too old: {INSTALL_HINT}", pytrace=False)
-    return node
-
-
-def _npm_install() -> None:
-    """Install tests/js's packages (``ws``) when they are not there yet."""
-    if (JS_TESTS / "node_modules" / "ws" / "package.json").exists():
-        return
-    npm = shutil.which("npm")
-    assert npm is not None
-    done = subprocess.run(
-        [npm, "ci", "--no-audit", "--no-fund"],
-        cwd=JS_TESTS,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if done.returncode != 0:
-        pytest.fail(f"npm ci in tests/js failed:\n{done.stdout}\n{done.stderr}", pytrace=False)
 
 
 class Control:
@@ -128,8 +94,8 @@ class Control:
 async def test_the_javascript_client_under_node(
     tmp_path: Path, admin: PubSubAdmin, pubsub_emulator: Any
 ) -> None:
-    node = _node()
-    _npm_install()
+    node = jskit.node()
+    jskit.npm_install()
     token, unscoped = new_token(), new_token()
     tokens = write_tokens(
         tmp_path / "tokens.toml",
@@ -164,7 +130,7 @@ async def test_the_javascript_client_under_node(
             "--test",
             "--test-concurrency=1",  # the restart tests stop the server the others use
             "--test-reporter=spec",
-            str(JS_TESTS),
+            str(jskit.JS_TESTS),
             cwd=ROOT,
             env=node_env,
             stdout=asyncio.subprocess.PIPE,

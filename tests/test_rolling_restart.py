@@ -1,7 +1,9 @@
 """A rolling restart: subscribers of instance A reconnect, through the same address, to instance B
 when A gets SIGTERM, and every message answered 200 reaches every one of them.
 
-Two real servers on loopback, the real emulator, and in front of them a TCP forwarder standing in
+The subscribers: a plain websocket and a plain SSE client that do what any client must (reconnect
+with their last id), loopgate's Python client and loopgate.js under Node. Two real servers on
+loopback, the real emulator, and in front of them a TCP forwarder standing in
 for the load balancer: new connections go to A until the deploy takes A out of the endpoints (as
 Kubernetes does before its preStop wait ends), then to B. Messages are published through the
 same address at a steady rate all along.
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import jskit
 import pytest
 from conftest import WAIT, PubSubAdmin, clean_exits
 
@@ -167,6 +170,32 @@ async def python_client_subscriber(
             got.ids.append(message.message_id)
 
 
+async def js_client_subscriber(
+    session: aiohttp.ClientSession, url: str, topic: str, got: Received, stop: asyncio.Event
+) -> None:
+    """loopgate.js under Node (tests/js/subscriber.mjs), which reconnects, resumes and drops
+    duplicates by itself."""
+    script = jskit.JS_TESTS / "subscriber.mjs"
+    process = await asyncio.create_subprocess_exec(
+        jskit.node(), str(script), url, topic, stdout=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    try:
+        async for line in process.stdout:
+            event = json.loads(line)
+            status = event.get("status")
+            if status is None:
+                got.ids.append(event["messageId"])
+            elif status["state"] == "open":
+                got.first_frames.append(status)
+            elif status["state"] == "closed":
+                raise AssertionError(f"loopgate.js stopped: {status}")
+    finally:
+        if process.returncode is None:
+            process.terminate()  # the process this test started
+            await process.wait()
+
+
 @contextlib.asynccontextmanager
 async def publishing(
     session: aiohttp.ClientSession, url: str, topic: str
@@ -225,8 +254,9 @@ async def test_a_rolling_restart_loses_nothing_for_any_client(
     b = await start_server(server=server_name, wait="/readyz")
     balancer = await Balancer(a.port).start()
     stop = asyncio.Event()
-    clients = [Received("websocket"), Received("sse"), Received("python client")]
-    kinds = [websocket_subscriber, sse_subscriber, python_client_subscriber]
+    jskit.npm_install()
+    clients = [Received(kind) for kind in ("websocket", "sse", "python client", "loopgate.js")]
+    kinds = [websocket_subscriber, sse_subscriber, python_client_subscriber, js_client_subscriber]
     try:
         async with aiohttp.ClientSession() as session:
             tasks = [
