@@ -447,6 +447,55 @@ async def test_a_resume_storm_makes_one_catch_up_subscription(
         assert [i for i in ids if i in missed] == missed
 
 
+@pytest.mark.timeout(240)
+async def test_a_storm_of_1000_websockets_resuming_on_a_real_server_makes_one_catch_up(
+    start_server: Any, admin: PubSubAdmin
+) -> None:
+    # A deploy: 1,000 websockets come back at once to a fresh worker, with a cursor that its
+    # history cannot serve. One catch-up subscription exists at a time, and every one catches up.
+    topic = _retained_topic(admin)
+    old = await start_server()
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"{old.url}/v1/topics/{topic}/stream") as ws:
+            await asyncio.wait_for(ws.receive_json(), WAIT)
+            first = _publish(admin, topic, 1, prefix="first")
+            frame = await asyncio.wait_for(ws.receive_json(), WAIT)
+    assert frame["messageId"] == first[0]
+    await asyncio.to_thread(old.stop)
+    missed = _publish(admin, topic, 40, prefix="missed")
+    new = await start_server(env={"LOOPGATE_STREAM_MAX_CONNECTIONS": "2000"})
+    url = f"{new.url}/v1/topics/{topic}/stream?lastEventId={frame['id']}"
+    most, names = 0, set()
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def resume() -> tuple[dict[str, Any], list[str]]:
+            async with session.ws_connect(url) as ws:
+                subscribed = await ws.receive_json()
+                ids: list[str] = []
+                while not set(missed) <= set(ids):
+                    message = await ws.receive_json()
+                    items = message["messages"] if message["type"] == "messages" else [message]
+                    ids += [m["messageId"] for m in items if m["type"] == "message"]
+                return subscribed, ids
+
+        async def everyone() -> list[tuple[dict[str, Any], list[str]]]:
+            return await asyncio.gather(*(resume() for _ in range(1000)))
+
+        watching = asyncio.create_task(everyone())
+        async with asyncio.timeout(120):
+            while not watching.done():
+                catchups = await asyncio.to_thread(_subscriptions_of, admin, topic, "catchup")
+                most, names = max(most, len(catchups)), names | set(catchups)
+                await asyncio.wait({watching}, timeout=0.05)
+            results = await watching
+    assert len(results) == 1000
+    assert most == 1 and len(names) == 1  # one at a time, and it was there
+    for subscribed, ids in results:
+        assert subscribed["resumed"] is True and subscribed["complete"] is True
+        assert [i for i in ids if i in missed] == missed
+
+
 @pytest.mark.parametrize(("slack", "history"), [(5.0, 10_000), (0.0, 10_000), (0.0, 5)])
 async def test_nothing_published_while_a_catch_up_runs_is_lost_at_the_seam(
     pubsub_emulator: Any,
