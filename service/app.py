@@ -18,7 +18,7 @@ from .error_responses import register_error_handlers
 from .logs import configure_logging, init_loop_logging, init_request_ids
 from .loopclients import ClientSpec, LoopClients
 from .openapi import init_openapi
-from .routes import health, publish, storage, subscribe
+from .routes import console, health, publish, storage, subscribe
 from .streams.gate import GATE
 from .streams.hub import FANOUT
 
@@ -62,6 +62,7 @@ def create_app(
     app.register_blueprint(publish.blueprint)
     app.register_blueprint(subscribe.blueprint)
     app.register_blueprint(storage.blueprint)
+    app.register_blueprint(console.blueprint)
     register_error_handlers(app)
     init_loop_logging(app)
     server.install(app, settings)  # last: its wrappers must see every request first
