@@ -94,6 +94,17 @@ async def console_slash() -> Response:
     return Response(b"", 308, {"Location": "../console"})
 
 
+@blueprint.get("/console/<name>")
+@hide
+async def console_file(name: str) -> Response:
+    """One of the page's files (``app.js``, ``console.css``...).
+
+    Raises:
+        NotFound: the console has no such file.
+    """
+    return _file(name)
+
+
 @blueprint.get("/console/topics")
 @hide
 async def console_topics() -> Response:

@@ -167,6 +167,7 @@ ui.subscribeForm.addEventListener("submit", async (event) => {
   const topic = ui.topic.value.trim();
   const transport = ui.transport.value;
   if (!topic) return;
+  setState("connecting", "checking the token");
   const access = await checkToken();
   if (access?.refused) {
     setState("failed", "token refused");
@@ -340,6 +341,7 @@ function addMessage(message) {
   row.dataset.messageId = message.messageId;
   const published = parseTime(message.publishTime);
   const attributes = Object.entries(message.attributes ?? {})
+    .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
     .map(([key, value]) => `${key}=${value}`)
     .join("\n");
   const cells = [
