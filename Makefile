@@ -1,6 +1,7 @@
 # make run  - set up, start the emulators and the service on http://127.0.0.1:8080
 #             (SERVER=uvicorn or SERVER=granian instead of Hypercorn)
-# make test - set up and run the whole test suite (it starts its own emulators)
+# make test - set up and run the whole test suite (it starts its own emulators; as root it
+#             installs Debian's chromium first when missing, for the console's browser tests)
 # make lint - ruff (lint and format) and mypy --strict
 # make test-py313 - the whole suite under Python 3.13 (a Debian 13 root; needs root)
 PYTHON ?= python3
@@ -21,7 +22,12 @@ SERVER ?= hypercorn
 run: $(STAMP)
 	SERVER=$(SERVER) $(BIN)/python -m devtools.run
 
+# The console's tests drive Debian's chromium (installed here when missing and run as root).
 test: $(STAMP)
+	@test -x /usr/bin/chromium || (test "$$(id -u)" = 0 && DEBIAN_FRONTEND=noninteractive \
+		sh -c 'apt-get update -qq && apt-get install -y -qq chromium >/dev/null') \
+		|| echo "chromium is missing, and the console's tests fail without it:" \
+			"install Debian's chromium: apt-get install -y chromium"
 	$(BIN)/python -m pytest
 
 # The whole suite under Python 3.13, in a Debian 13 root built once with debootstrap (needs root;

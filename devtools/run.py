@@ -7,7 +7,8 @@ Ctrl-C or SIGTERM stops the server first (gracefully), then the emulators: nothi
 
 Authentication stays on: unless ``LOOPGATE_AUTH_FILE`` or ``LOOPGATE_AUTH`` is set, a development
 token (scope ``*``) is kept in ``.loopgate/dev-token`` (outside git) and its digest written to
-``.loopgate/dev-tokens.toml``; the token is printed with ready-made examples.
+``.loopgate/dev-tokens.toml``; the token is printed with ready-made examples and the address of
+the live console (whose origin ``LOOPGATE_ALLOWED_ORIGINS`` allows, unless that is set).
 
 Environment: ``SERVER`` (``hypercorn``, ``uvicorn`` or ``granian``; default ``hypercorn``), ``PORT``
 (default 8080) and ``WORKERS`` (default: hypercorn.toml's, or 2); every ``LOOPGATE_*`` variable is
@@ -129,6 +130,8 @@ def main() -> int:
         token, tokens_path = dev_token()
         env["LOOPGATE_AUTH_FILE"] = str(tokens_path)
     env.setdefault("LOOPGATE_BUCKETS", DEMO_BUCKET)
+    # The console's own page opens websockets: its origin must be allowed.
+    env.setdefault("LOOPGATE_ALLOWED_ORIGINS", f"http://127.0.0.1:{port},http://localhost:{port}")
     topics = sorted(
         {DEMO_TOPIC} | {t.strip() for t in env["LOOPGATE_TOPICS"].split(",") if t.strip() != "*"}
     )
@@ -159,7 +162,9 @@ def main() -> int:
         print(
             f"\nloopgate is running on {base} under {server_name}  (Ctrl-C stops everything)\n"
             f"  project {env['LOOPGATE_PROJECT']}, topics: {', '.join(topics)}\n"
-            f"  docs:    {base}/docs\n"
+            f"  console: {base}/console"
+            + ("  (paste the token printed below)\n" if token else "\n")
+            + f"  docs:    {base}/docs\n"
             f"  ready:   {base}/readyz\n"
             f"  metrics: {base}/metrics\n"
             + (f"  token:   {token}  (development token, scope *)\n" if token else "")

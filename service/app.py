@@ -18,7 +18,7 @@ from .error_responses import register_error_handlers
 from .logs import configure_logging, init_loop_logging, init_request_ids
 from .loopclients import ClientSpec, LoopClients
 from .openapi import init_openapi
-from .routes import client, health, publish, storage, storage_signed, subscribe
+from .routes import client, console, health, publish, storage, storage_signed, subscribe
 from .streams.gate import GATE
 from .streams.hub import FANOUT
 from .tracing import init_tracing
@@ -67,6 +67,7 @@ def create_app(
     app.register_blueprint(storage.blueprint)
     app.register_blueprint(storage_signed.blueprint)
     app.register_blueprint(client.blueprint)
+    app.register_blueprint(console.blueprint)
     cors.install(app, settings)  # after the routes: every HTTP answer, errors included
     register_error_handlers(app)
     init_loop_logging(app)
