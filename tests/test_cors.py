@@ -5,6 +5,8 @@ real server."""
 from __future__ import annotations
 
 import base64
+import fnmatch
+import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -183,10 +185,18 @@ async def test_the_client_file_is_served_as_javascript(cors_app: Quart) -> None:
 
 
 def test_the_client_file_is_package_data() -> None:
-    """pyproject.toml installs service/web/*.js with the package."""
-    text = (ROOT / "pyproject.toml").read_text()
-    assert '[tool.setuptools.package-data]\nservice = ["web/*.js"]' in text
-    assert CLIENT_FILE.relative_to(ROOT / "service").match("web/*.js")
+    """pyproject.toml installs service/web/*.js (and the console's files) with the package."""
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["service"]
+    web = ROOT / "service" / "web"
+    shipped = [
+        path for path in web.rglob("*") if path.is_file() and "__pycache__" not in path.parts
+    ]
+    assert CLIENT_FILE in shipped
+    for path in shipped:
+        relative = path.relative_to(ROOT / "service").as_posix()
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), relative
 
 
 # -- through each real server ------------------------------------------------------------------
