@@ -93,7 +93,9 @@ class Settings(BaseSettings):
     jwt_leeway: float = Field(default=10.0, ge=0, description="Clock skew allowed (seconds).")
     jwt_max_ttl: float = Field(default=86400.0, gt=0, description="Longest JWT lifetime accepted.")
     allowed_origins: CommaList = Field(
-        default=(), description="Browser origins allowed to open websockets ('*': any)."
+        default=(),
+        description="Browser origins allowed to open websockets and to call the HTTP routes "
+        "cross-origin (CORS) ('*': any).",
     )
 
     # Per-token limits, per worker process (service/auth/limits.py); 0 turns a rate limit off.
