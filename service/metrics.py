@@ -82,6 +82,11 @@ STREAM_DELIVERIES = Counter(
     "Messages written to subscriber connections, per topic.",
     ["topic"],
 )
+STREAM_CATCHUPS = Counter(
+    "loopgate_stream_catchups",
+    "Catch-up subscriptions made to resume subscribers from a topic's retention, per topic.",
+    ["topic"],
+)
 STREAM_DROPS = Counter(
     "loopgate_stream_drops",
     "Messages dropped from slow subscribers' queues (or connections closed: reason=closed).",

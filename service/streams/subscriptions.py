@@ -134,6 +134,7 @@ class FanoutSubscriptions:
         except gexc.GoogleAPICallError as exc:
             raise translate(exc, topic=topic) from exc
         self.catchups_created += 1
+        metrics.STREAM_CATCHUPS.labels(topic=topic).inc()
         log.info("created catch-up subscription %s", path)
 
     async def seek(self, path: str, moment: float, *, topic: str) -> None:
