@@ -21,16 +21,15 @@ conventions:
   carries ``googclient_traceparent``: its hand-over to the local subscribers' queues, a child of the
   message's create span and linked to it.
 
-The SDK (``opentelemetry-sdk``) and the OTLP exporter are the ``otel`` extra; this module imports
-them only when tracing is on. The tracer provider is the app's own (not OpenTelemetry's global
-one), made once per process and shut down, flushing what waits, when the app stops serving.
+The SDK (``opentelemetry-sdk``) and the OTLP exporter are the ``otel`` extra; they are imported
+only when tracing is on, by :mod:`service.tracing_sdk`, which makes the provider and its exporters.
+The tracer provider is the app's own (not OpenTelemetry's global one), made once per process and
+shut down, flushing what waits, when the app stops serving.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -41,8 +40,6 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation import set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from quart import Quart, current_app, has_app_context
-
-from .config import SettingsError
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -56,7 +53,6 @@ PREFIX = "googclient_"  # of the trace context in message attributes, as Google'
 TRACEPARENT = PREFIX + "traceparent"
 MAX_ATTRIBUTES = 100  # Pub/Sub's limit per message: the context goes in only when it fits
 SYSTEM = "gcp_pubsub"
-EXPORTERS = ("otlp", "console")
 
 # Whether any app of this process traces: until one does, :func:`current` answers without the
 # app-context lookup, which costs microseconds on every publish.
@@ -343,9 +339,14 @@ def init_tracing(
     elif exporter is not None:
         from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-        tracing = Tracing(_provider([SimpleSpanProcessor(exporter)]))
+        from .tracing_sdk import provider_with
+
+        tracing = Tracing(provider_with([SimpleSpanProcessor(exporter)]))
     else:
-        tracing = _from_environment()
+        from .tracing_sdk import from_environment
+
+        made = from_environment()
+        tracing = None if made is None else Tracing(made)
     app.extensions[EXTENSION] = tracing
     if tracing is not None:
         global _active
@@ -353,76 +354,6 @@ def init_tracing(
         app.before_serving(tracing._started)
         app.after_serving(tracing._stopped)  # after the clients' lifespan has closed them
     return tracing
-
-
-def _from_environment() -> Tracing | None:
-    names = [
-        name.strip().lower()
-        for name in os.environ.get("OTEL_TRACES_EXPORTER", "").split(",")
-        if name.strip().lower() not in ("", "none")
-    ]
-    if not names or os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return None
-    for name in names:
-        if name not in EXPORTERS:
-            raise SettingsError(
-                f"OTEL_TRACES_EXPORTER: unknown exporter {name!r}; loopgate knows "
-                f"{', '.join(EXPORTERS)} and none"
-            )
-    try:
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-        processors = [BatchSpanProcessor(_exporter(name)) for name in names]
-    except ImportError as exc:
-        raise SettingsError(
-            f"OTEL_TRACES_EXPORTER={os.environ['OTEL_TRACES_EXPORTER']} needs {exc.name or exc}: "
-            "pip install 'loopgate[otel]'"
-        ) from None
-    return Tracing(_provider(processors))
-
-
-def _exporter(name: str) -> SpanExporter:
-    if name == "console":
-        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-
-        return ConsoleSpanExporter()
-    protocol = (
-        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
-    ).strip()
-    if protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        return OTLPSpanExporter()  # endpoint, headers, timeout...: from OTEL_EXPORTER_OTLP_*
-    if protocol == "grpc":  # needs opentelemetry-exporter-otlp-proto-grpc, not in the extra
-        try:
-            grpc = importlib.import_module("opentelemetry.exporter.otlp.proto.grpc.trace_exporter")
-        except ImportError:
-            raise SettingsError(
-                "OTEL_EXPORTER_OTLP_PROTOCOL=grpc needs opentelemetry-exporter-otlp-proto-grpc: "
-                "pip install it, or export over http/protobuf (the default)"
-            ) from None
-        exporter: SpanExporter = grpc.OTLPSpanExporter()
-        return exporter
-    raise SettingsError(
-        f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not supported; use http/protobuf or grpc"
-    )
-
-
-def _provider(processors: Sequence[Any]) -> TracerProvider:
-    """A provider with the resource of ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES``
-    (service name ``loopgate`` unless they name one) and the sampler of ``OTEL_TRACES_SAMPLER``."""
-    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-    from opentelemetry.sdk.trace import TracerProvider
-
-    resource = Resource.create()
-    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({SERVICE_NAME: "loopgate"}))
-    provider = TracerProvider(resource=resource)
-    for processor in processors:
-        provider.add_span_processor(processor)
-    return provider
 
 
 def _version() -> str | None:

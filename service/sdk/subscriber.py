@@ -23,33 +23,24 @@ How each end is met:
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import inspect
-import json
 import random
-import re
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Literal, Protocol
+from typing import Literal
 from urllib.parse import quote
 
 import aiohttp
 
-from .errors import PolicyViolation, ProtocolError, refusal
+from .connections import Connection, Ended, open_event_stream, open_websocket, retry_after
 from .messages import Message, Reconnecting, Status, Subscribed, decode_frame
-from .sse import ParseError, SSEParser
 
 Transport = Literal["websocket", "sse"]
 Token = str | Callable[[], str | Awaitable[str]]
 StatusCallback = Callable[[Status], Awaitable[None] | None]
 
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY_VIOLATION = 1008
 CONNECT_TIMEOUT = 30.0  # seconds for a connection's handshake, up to its first byte of stream
-_MAX_ERROR_BODY = 64 * 1024
 
 
 class Backoff:
@@ -111,81 +102,6 @@ class Dedupe:
         return len(self._ids)
 
 
-class _Ended(Exception):
-    """The connection ended or could not be made; the subscriber connects again.
-
-    ``normal``: a prompt reconnect (True), a backoff (False), or prompt only when the connection
-    delivered a message (None: an SSE stream that ended without saying why).
-    """
-
-    def __init__(
-        self, reason: str, *, normal: bool | None = False, retry_after: float | None = None
-    ) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.normal = normal
-        self.retry_after = retry_after
-
-
-class _Connection(Protocol):
-    async def receive(self) -> str:
-        """The next frame's JSON text. Raises _Ended, or a SubscribeError."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-class _WebSocket:
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self._ws = ws
-
-    async def receive(self) -> str:
-        while True:
-            msg = await self._ws.receive()
-            if msg.type is aiohttp.WSMsgType.TEXT:
-                return str(msg.data)
-            if msg.type is aiohttp.WSMsgType.BINARY:
-                return bytes(msg.data).decode("utf-8", errors="replace")
-            if msg.type is aiohttp.WSMsgType.CLOSE:
-                code, reason = int(msg.data), str(msg.extra or "")
-                if code == CLOSE_POLICY_VIOLATION:
-                    raise PolicyViolation(reason or "policy violation", code=code)
-                normal = code in (CLOSE_NORMAL, CLOSE_GOING_AWAY)
-                raise _Ended(f"closed with {code} {reason}".rstrip(), normal=normal)
-            if msg.type is aiohttp.WSMsgType.ERROR:
-                raise _Ended(f"websocket error: {msg.data!r}")
-            if msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
-                raise _Ended(f"connection lost (close code {self._ws.close_code})")
-
-    async def close(self) -> None:
-        await self._ws.close()
-
-
-class _EventStream:
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-        self._parser = SSEParser()
-        self._ready: deque[str] = deque()
-
-    async def receive(self) -> str:
-        while not self._ready:
-            try:
-                chunk = await self._response.content.readany()
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                raise _Ended(f"connection lost: {exc!r}") from exc
-            if not chunk:
-                raise _Ended("the server ended the stream", normal=None)
-            try:
-                events = self._parser.feed(chunk)
-            except ParseError as exc:
-                raise ProtocolError(str(exc)) from exc
-            self._ready.extend(event.data for event in events if event.event == "message")
-        return self._ready.popleft()
-
-    async def close(self) -> None:
-        self._response.close()
-
-
 class Subscription:
     """The messages of a topic, as an async iterator that reconnects and resumes by itself.
 
@@ -226,7 +142,7 @@ class Subscription:
         self._receive_timeout = receive_timeout
         self._on_status = on_status
         self._sleep = sleep
-        self._connection: _Connection | None = None
+        self._connection: Connection | None = None
         self._delivered = 0  # messages the current connection brought
         self._ready: deque[Message] = deque()
         self._closed = False
@@ -267,7 +183,7 @@ class Subscription:
                     return message
             try:
                 await self._receive()
-            except _Ended as ended:
+            except Ended as ended:
                 await self._disconnect()
                 if self._closed:
                     raise StopAsyncIteration from None
@@ -298,7 +214,7 @@ class Subscription:
             connection = await self._open()
             if self._closed:
                 await connection.close()
-                raise _Ended("closed")
+                raise Ended("closed")
             self._connection, self._delivered = connection, 0
         for item in decode_frame(await self._connection.receive()):
             if isinstance(item, Message):
@@ -310,7 +226,7 @@ class Subscription:
                     self._last_event_id = item.id
                 await self._report(item)
 
-    async def _open(self) -> _Connection:
+    async def _open(self) -> Connection:
         if self._session is None:
             self._session = aiohttp.ClientSession()
         headers: dict[str, str] = {}
@@ -319,55 +235,12 @@ class Subscription:
             headers["Authorization"] = f"Bearer {token}"
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                if self.transport == "websocket":
-                    return await self._open_websocket(self._session, headers)
-                return await self._open_event_stream(self._session, headers)
+                opening = open_websocket if self.transport == "websocket" else open_event_stream
+                return await opening(
+                    self._session, self.url, headers, self._last_event_id, self._receive_timeout
+                )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise _Ended(f"could not connect: {exc!r}") from exc
-
-    async def _open_websocket(
-        self, session: aiohttp.ClientSession, headers: dict[str, str]
-    ) -> _Connection:
-        params = {"lastEventId": self._last_event_id} if self._last_event_id else {}
-        heartbeat = self._receive_timeout / 2 if self._receive_timeout else None
-        try:
-            ws = await session.ws_connect(
-                self.url,
-                headers=headers,
-                params=params,
-                heartbeat=heartbeat,
-                max_msg_size=0,  # the server bounds its frames; a coalesced one may be large
-            )
-        except aiohttp.WSServerHandshakeError as exc:
-            # aiohttp does not keep a refused handshake's body: the message comes from the
-            # status and the WWW-Authenticate challenge.
-            exc_headers: Mapping[str, str] = exc.headers or {}
-            raise _refused(exc.status, exc_headers, _challenge(exc_headers)) from exc
-        return _WebSocket(ws)
-
-    async def _open_event_stream(
-        self, session: aiohttp.ClientSession, headers: dict[str, str]
-    ) -> _Connection:
-        headers |= {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
-        if self._last_event_id:
-            headers["Last-Event-ID"] = self._last_event_id
-        timeout = aiohttp.ClientTimeout(total=None, sock_read=self._receive_timeout)
-        response = await session.get(self.url, headers=headers, timeout=timeout)
-        if response.status != 200:
-            try:
-                body = await response.content.read(_MAX_ERROR_BODY)
-            except (aiohttp.ClientError, OSError, TimeoutError):
-                body = b""
-            finally:
-                response.release()
-            raise _refused(response.status, response.headers, _json_message(body))
-        if response.content_type != "text/event-stream":
-            response.close()
-            raise ProtocolError(
-                f"{self.url} answered {response.content_type!r}, not an event stream",
-                status=response.status,
-            )
-        return _EventStream(response)
+            raise Ended(f"could not connect: {exc!r}") from exc
 
     async def _current_token(self) -> str | None:
         if self._token is None or isinstance(self._token, str):
@@ -380,7 +253,7 @@ class Subscription:
         if connection is not None:
             await connection.close()
 
-    async def _pause(self, ended: _Ended) -> None:
+    async def _pause(self, ended: Ended) -> None:
         normal = self._delivered > 0 if ended.normal is None else ended.normal
         delay = self._backoff.jitter() if normal else self._backoff.next()
         if ended.retry_after is not None:
@@ -460,56 +333,6 @@ def subscribe(
         rng=rng,
         sleep=sleep,
     )
-
-
-def _refused(status: int, headers: Mapping[str, str], message: str | None) -> Exception:
-    """What a handshake answered ``status`` means: an _Ended to retry, or the error to raise."""
-    if status == 429 or status >= 500:
-        return _Ended(f"answered {status}", retry_after=retry_after(headers))
-    if 400 <= status < 500:
-        return refusal(status, message)
-    return ProtocolError(f"answered {status} {message or ''}".rstrip(), status=status)
-
-
-def retry_after(headers: Mapping[str, str]) -> float | None:
-    """The seconds a ``Retry-After`` header asks to wait (a number or an HTTP date), if any."""
-    value = (headers.get("Retry-After") or "").strip()
-    if not value:
-        return None
-    if value.isascii() and value.isdigit():
-        return float(value)
-    try:
-        moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
-
-
-_CHALLENGE_PARAM = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-def _challenge(headers: Mapping[str, str]) -> str | None:
-    """The message of a ``WWW-Authenticate`` challenge (RFC 6750), if it has one."""
-    params = {
-        key: re.sub(r"\\(.)", r"\1", value)
-        for key, value in _CHALLENGE_PARAM.findall(headers.get("WWW-Authenticate", ""))
-    }
-    if "error_description" in params:
-        return params["error_description"]
-    if "scope" in params:
-        return f"{params.get('error', 'insufficient_scope')}: needs {params['scope']}"
-    return params.get("error")
-
-
-def _json_message(body: bytes) -> str | None:
-    """The ``message`` of loopgate's JSON error body, if it is one."""
-    try:
-        message = json.loads(body)["error"]["message"]
-    except (ValueError, TypeError, KeyError):
-        return None
-    return message if isinstance(message, str) else None
 
 
 __all__ = ["Backoff", "Dedupe", "Subscription", "retry_after", "subscribe"]
