@@ -295,9 +295,30 @@ def clean_exits(server: str, workers: int = 1) -> set[int]:
     return {0}
 
 
+SERVERS_OF_TEST = pytest.StashKey[list[Server]]()
+LOG_TAIL = 20_000  # characters of each server's log shown under a failed test
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test's report shows the end of each of its servers' logs."""
+    report = yield
+    if report.failed:
+        for number, server in enumerate(item.stash.get(SERVERS_OF_TEST, []), 1):
+            try:
+                text = server.log()[-LOG_TAIL:]
+            except OSError as error:
+                text = f"(no log: {error})"
+            report.sections.append((f"server {number} on port {server.port}: log", text))
+    return report
+
+
 @pytest.fixture
-def start_server(tmp_path: Path, pubsub_emulator: PubSubEmulator) -> Iterator[Callable[..., Any]]:
+def start_server(
+    request: pytest.FixtureRequest, tmp_path: Path, pubsub_emulator: PubSubEmulator
+) -> Iterator[Callable[..., Any]]:
     servers: list[Server] = []
+    request.node.stash[SERVERS_OF_TEST] = servers
 
     async def start(
         env: dict[str, str] | None = None,

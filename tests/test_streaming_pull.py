@@ -1,8 +1,9 @@
-"""StreamingPull's supervisor: when ``prepare`` runs, and that ``stop`` never cuts one short.
+"""StreamingPull's supervisor: when ``prepare`` runs, and that ``stop`` never cuts one short;
+and the streaming client's channel to the emulator.
 
-The Pub/Sub side of the streaming pull is covered with the emulator in test_fanout.py; these
-tests replace the stream itself (``_subscribe``) to control the order of events exactly, which
-the emulator cannot do.
+The Pub/Sub side of the streaming pull is covered with the emulator in test_fanout.py; the
+supervisor's tests replace the stream itself (``_subscribe``) to control the order of events
+exactly, which the emulator cannot do.
 """
 
 from __future__ import annotations
@@ -11,9 +12,15 @@ import asyncio
 import concurrent.futures
 from typing import Any
 
-from conftest import WAIT
+import pytest
+from conftest import WAIT, Topic
+from google.cloud import pubsub_v1
 
-from service.clients.pubsub.streaming_pull import StreamingPull
+from service.clients.pubsub.streaming_pull import (
+    StreamingPull,
+    close_streaming_client,
+    create_streaming_client,
+)
 
 
 def _pull(prepare: Any, *, prepared: bool) -> StreamingPull:
@@ -65,3 +72,33 @@ async def test_stop_lets_a_prepare_in_flight_finish() -> None:
     await asyncio.wait_for(stopping, WAIT)
     assert outcome == ["finished"]
     assert not pull.running.is_set()
+
+
+@pytest.mark.emulator
+async def test_a_streaming_pull_response_beyond_4_mib_reaches_the_callback(topic: Topic) -> None:
+    # Published before the stream opens, the backlog comes in one response of about 6 MiB: on a
+    # channel with gRPC's default 4 MiB limit the stream fails, is opened again, and the
+    # messages of that response never come.
+    data = b"x" * (1024 * 1024)
+    path = topic.admin.publisher.topic_path(topic.admin.project, topic.name)
+    sent = {topic.admin.publisher.publish(path, data).result(WAIT) for _ in range(6)}
+    received: set[str] = set()
+    done = asyncio.Event()
+
+    def on_messages(messages: list[Any]) -> None:
+        for message in messages:
+            received.add(message.message_id)
+            message.ack()
+        if received >= sent:
+            done.set()
+
+    client = await create_streaming_client()
+    flow = pubsub_v1.types.FlowControl(max_messages=1000)
+    pull = StreamingPull(client, topic.subscription, on_messages, flow)
+    pull.start()
+    try:
+        await asyncio.wait_for(done.wait(), WAIT)
+    finally:
+        await pull.stop()
+        await close_streaming_client(client)
+    assert received == sent

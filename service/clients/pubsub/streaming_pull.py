@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import grpc
 from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.subscriber._protocol.streaming_pull_manager import (
     StreamingPullManager,
@@ -46,9 +47,10 @@ from google.cloud.pubsub_v1.subscriber._protocol.streaming_pull_manager import (
 from google.cloud.pubsub_v1.subscriber.futures import StreamingPullFuture
 from google.cloud.pubsub_v1.subscriber.message import Message
 from google.cloud.pubsub_v1.subscriber.scheduler import Scheduler, ThreadScheduler
+from google.pubsub_v1.services.subscriber.transports.grpc import SubscriberGrpcTransport
 
 from ...loopclients import ClientSpec
-from .specs import CREDENTIALS, emulator_host
+from .specs import CHANNEL_OPTIONS, CREDENTIALS, emulator_host
 
 log = logging.getLogger("loopgate.streaming")
 
@@ -279,9 +281,26 @@ def _stop(future: Any) -> None:
         pass
 
 
+def emulator_transport(host: str) -> SubscriberGrpcTransport:
+    """The transport of the streaming client for the emulator at ``host``: an insecure channel
+    with the options the library gives its channel to Pub/Sub.
+
+    Left to itself, under ``PUBSUB_EMULATOR_HOST`` the library opens a bare
+    ``grpc.insecure_channel``, which keeps gRPC's default 4 MiB limit on a received message
+    (googleapis/google-cloud-python#10056). The emulator packs as many messages into one
+    streaming-pull response as it has ready: once a backlog of large messages passes 4 MiB, the
+    stream fails with RESOURCE_EXHAUSTED and is opened again, and the messages of that response
+    are lost until the emulator hands them out again, which it may never do (it misses the
+    stream's end). Pub/Sub's own channel has no such limit.
+    """
+    channel = grpc.insecure_channel(host, options=CHANNEL_OPTIONS)
+    return SubscriberGrpcTransport(channel=channel)
+
+
 async def create_streaming_client() -> pubsub_v1.SubscriberClient:
-    if emulator_host():
-        return pubsub_v1.SubscriberClient()
+    host = emulator_host()
+    if host:
+        return pubsub_v1.SubscriberClient(transport=emulator_transport(host))
     credentials = await CREDENTIALS.get()
     return pubsub_v1.SubscriberClient(credentials=credentials.credentials)
 
