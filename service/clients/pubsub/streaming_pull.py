@@ -290,8 +290,8 @@ def emulator_transport(host: str) -> SubscriberGrpcTransport:
     (googleapis/google-cloud-python#10056). The emulator packs as many messages into one
     streaming-pull response as it has ready: once a backlog of large messages passes 4 MiB, the
     stream fails with RESOURCE_EXHAUSTED and is opened again, and the messages of that response
-    are lost until the emulator hands them out again, which it may never do (it misses the
-    stream's end). Pub/Sub's own channel has no such limit.
+    were not handed out again within 30 s in our runs (the emulator fails on the old stream's
+    reset and goes on treating it as open). Pub/Sub's own channel has no such limit.
     """
     channel = grpc.insecure_channel(host, options=CHANNEL_OPTIONS)
     return SubscriberGrpcTransport(channel=channel)
