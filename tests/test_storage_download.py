@@ -157,3 +157,44 @@ async def test_a_download_whose_client_takes_nothing_is_ended(idle_app: Quart, b
     await _serve_to_a_client_taking_nothing(idle_app, target, stuck)
     assert stuck.is_set()
     assert await _transfers_down(idle_app) == 0
+
+
+@pytest.fixture
+async def patient_app(pubsub_emulator: Any, bucket: str) -> AsyncIterator[Quart]:
+    app = create_app(make_settings(buckets=bucket, download_idle_timeout=1.0))
+    async with app.test_app():
+        yield app
+
+
+async def test_a_slow_client_that_keeps_taking_chunks_gets_the_whole_object(
+    patient_app: Quart, bucket: str
+) -> None:
+    """The idle timeout bounds the send of each chunk, not the whole download: a client taking
+    each chunk in 0.3 s gets all of them, though together they take longer than the timeout."""
+    target = path(bucket, "slowly")
+    await _put(patient_app, target)
+    requested = False
+    received: list[bytes] = []
+    ended = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()  # no disconnect: the client stays
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            if message.get("body"):
+                await asyncio.sleep(0.3)  # the client's pace, not a wait for the server
+                received.append(message["body"])
+            if not message.get("more_body", False):
+                ended.set()
+
+    await asyncio.wait_for(patient_app(http_scope(target), receive, send), WAIT)
+    assert ended.is_set()
+    assert len(received) >= 4  # at least 1.2 s of sends
+    assert sum(map(len, received)) == 4 * storage_download.READ_BYTES
+    assert await _transfers_down(patient_app) == 0

@@ -61,6 +61,9 @@ log = logging.getLogger("loopgate.storage")
 
 blueprint = Blueprint("storage", __name__)
 OBJECT = "/v1/buckets/<bucket>/objects/<object:name>"
+# The metrics' children for uploads, looked up once: ``labels()`` takes a lock and a lookup.
+_BYTES_UP = metrics.STORAGE_BYTES.labels(direction="up")
+_UPLOADS = metrics.STORAGE_TRANSFERS.labels(direction="up")
 
 
 class ObjectNameConverter(PathConverter):
@@ -82,7 +85,7 @@ async def _request_chunks(limit: int) -> AsyncIterator[bytes]:
     stream = request_body.request_stream()
     idle = current_settings().upload_idle_timeout
     source = stream.chunks(idle) if stream is not None else request.body
-    counter = metrics.STORAGE_BYTES.labels(direction="up")
+    counter = _BYTES_UP
     accepted = counted = 0
     try:
         async for chunk in source:
@@ -127,7 +130,7 @@ async def put_object(bucket: str, name: str) -> Response:
     if if_absent and await client.exists(bucket, name):
         raise PreconditionFailed(f"object {name!r} already exists in bucket {bucket!r}")
     chunks = _request_chunks(settings.max_object_bytes)
-    metrics.STORAGE_TRANSFERS.labels(direction="up").inc()
+    _UPLOADS.inc()
     try:
         if length is not None and length <= settings.storage_chunk_bytes:
             resource = await client.upload_small(
@@ -144,7 +147,7 @@ async def put_object(bucket: str, name: str) -> Response:
         log.info("upload of %s/%s abandoned: %s", bucket, name, exc)
         raise RequestTimeout(f"upload abandoned: {exc.message}") from exc
     finally:
-        metrics.STORAGE_TRANSFERS.labels(direction="up").dec()
+        _UPLOADS.dec()
     metadata = object_metadata(resource)
     # A ready response: quart-schema would otherwise build a pydantic TypeAdapter for the body
     # and for the headers on every request.

@@ -41,6 +41,9 @@ READ_BYTES = 256 * 1024
 # Transferred bytes are counted in steps of this size: a metric update per chunk (in
 # multiprocess mode, a locked write to a shared file) costs a noticeable part of a chunk's time.
 COUNT_BYTES = 1024 * 1024
+# The metrics' children for downloads, looked up once: ``labels()`` takes a lock and a lookup.
+_BYTES_DOWN = metrics.STORAGE_BYTES.labels(direction="down")
+_DOWNLOADS = metrics.STORAGE_TRANSFERS.labels(direction="down")
 # A suffix range of length 0: valid syntax that selects nothing (werkzeug calls it malformed).
 EMPTY_SUFFIX = re.compile(r"[ \t]*-0+[ \t]*", re.ASCII)
 
@@ -66,12 +69,13 @@ class DownloadBody:
         self._response = response
         self._closed = False
         self._sent = self._counted = 0
-        self._counter = metrics.STORAGE_BYTES.labels(direction="down")
+        self._counter = _BYTES_DOWN
         self._idle_timeout = idle_timeout
         self._description = description
         self._sender: asyncio.Task[Any] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
-        metrics.STORAGE_TRANSFERS.labels(direction="down").inc()
+        self._sending_since: float | None = None  # loop time the chunk being sent was handed on
+        _DOWNLOADS.inc()
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:
@@ -83,7 +87,7 @@ class DownloadBody:
 
     async def __anext__(self) -> bytes:
         # Asked for the next chunk: the previous one has been handed to the client.
-        self._disarm()
+        self._sending_since = None
         if self._closed:
             raise StopAsyncIteration
         try:
@@ -97,15 +101,25 @@ class DownloadBody:
         self._sent += len(chunk)
         if self._sent - self._counted >= COUNT_BYTES:
             self._count()
-        self._arm()
+        loop = asyncio.get_running_loop()
+        self._sending_since = loop.time()
+        if self._watchdog is None:
+            self._sender = asyncio.current_task()
+            self._watchdog = loop.call_at(self._sending_since + self._idle_timeout, self._check)
         return chunk
 
-    def _arm(self) -> None:
-        """Start timing the send of the chunk about to be returned."""
-        if self._sender is None:
-            self._sender = asyncio.current_task()
+    def _check(self) -> None:
+        """The watchdog: one timer for the whole body, set again for as long as sends finish in
+        time (cheaper than a timer of its own for every chunk)."""
         loop = asyncio.get_running_loop()
-        self._watchdog = loop.call_later(self._idle_timeout, self._stalled)
+        since = self._sending_since
+        if since is None:  # reading from the backend, which has a timeout of its own
+            self._watchdog = loop.call_at(loop.time() + self._idle_timeout, self._check)
+        elif loop.time() - since < self._idle_timeout:
+            self._watchdog = loop.call_at(since + self._idle_timeout, self._check)
+        else:
+            self._watchdog = None
+            self._stalled()
 
     def _disarm(self) -> None:
         if self._watchdog is not None:
@@ -113,7 +127,6 @@ class DownloadBody:
             self._watchdog = None
 
     def _stalled(self) -> None:
-        self._watchdog = None
         if self._sender is not None and not self._closed:
             log.info(
                 "download of %s abandoned: the client took nothing for %g s",
@@ -131,7 +144,7 @@ class DownloadBody:
         if not self._closed:
             self._closed = True
             self._count()
-            metrics.STORAGE_TRANSFERS.labels(direction="down").dec()
+            _DOWNLOADS.dec()
             await self._context.__aexit__(None, None, None)
 
 

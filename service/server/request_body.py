@@ -72,7 +72,7 @@ class RequestStream:
         self.disconnected = False
 
     async def chunks(self, idle_timeout: float | None = None) -> AsyncIterator[bytes]:
-        """Yield the body's chunks as they arrive; iterate once.
+        """Yield the body's chunks as they arrive; iterate once, from one task.
 
         Raises:
             ClientDisconnected: the client closed the connection before the body's end.
@@ -81,26 +81,40 @@ class RequestStream:
         if self._started:
             raise RuntimeError("a request body can be read only once")
         self._started = True
-        while not self.complete:
-            try:
-                async with asyncio.timeout(idle_timeout):
+        loop = asyncio.get_running_loop()
+        try:
+            # One timeout for the whole body, set again for each message (cheaper than a new one
+            # each time) and off while the caller has the chunk.
+            async with asyncio.timeout(None) as timeout:
+                while not self.complete:
+                    if idle_timeout is not None:
+                        timeout.reschedule(loop.time() + idle_timeout)
                     message = await self._receive()
-            except TimeoutError:
-                self._released.set()  # Quart may read the channel again: the rest is dropped
-                assert idle_timeout is not None  # only a set timeout expires
-                raise BodyStalled(idle_timeout) from None
-            if message["type"] == "http.disconnect":
-                self.disconnected = True
-                self._released.set()
-                raise ClientDisconnected("the client disconnected during the upload")
-            if message["type"] != "http.request":
-                continue
-            if not message.get("more_body", False):
-                self.complete = True
-                self._released.set()
-            body = message.get("body", b"")
-            if body:
-                yield body
+                    timeout.reschedule(None)
+                    body = self._take(message)
+                    if body:
+                        yield body
+        except TimeoutError:
+            self._released.set()  # Quart may read the channel again: the rest is dropped
+            assert idle_timeout is not None  # only a set timeout expires
+            raise BodyStalled(idle_timeout) from None
+
+    def _take(self, message: ASGIReceiveEvent) -> bytes:
+        """The body bytes ``message`` carries; notes the body's end.
+
+        Raises:
+            ClientDisconnected: the message says the client went away.
+        """
+        if message["type"] == "http.disconnect":
+            self.disconnected = True
+            self._released.set()
+            raise ClientDisconnected("the client disconnected during the upload")
+        if message["type"] != "http.request":
+            return b""
+        if not message.get("more_body", False):
+            self.complete = True
+            self._released.set()
+        return message.get("body", b"")
 
     async def receive_for_app(self) -> ASGIReceiveEvent:
         """Quart's view of the channel: nothing until the body is read, then the channel itself.
