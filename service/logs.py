@@ -103,14 +103,22 @@ def _server_access_fields(record: logging.LogRecord, entry: dict[str, Any]) -> N
         entry["request_id"] = request_id
 
 
+# What every match of _SECRETS contains, in lower case: text holding none of them is returned as it
+# is, without the regular expression (which an access line ran seven times, once per field).
+_SECRET_MARKS = ("bearer", "access_token=", "eyj", "lg_")
+
+
+def _mask(match: re.Match[str]) -> str:
+    prefix = match.group(1) or match.group(2) or ""
+    return prefix + "[redacted]"
+
+
 def redact(text: str) -> str:
     """``text`` with anything credential-like masked."""
-
-    def mask(match: re.Match[str]) -> str:
-        prefix = match.group(1) or match.group(2) or ""
-        return prefix + "[redacted]"
-
-    return _SECRETS.sub(mask, text)
+    lowered = text.lower()
+    if not any(mark in lowered for mark in _SECRET_MARKS):
+        return text
+    return _SECRETS.sub(_mask, text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -404,6 +412,17 @@ def _log_access(
         "duration_us": (time.perf_counter_ns() - start) // 1000,
         "request_id": request_id,
     }
-    _access_log.info(
-        "%s %s %s", method, path, fields["status"], extra={FIELDS: fields, "request_id": request_id}
+    # The record made and handled directly (the level was checked by the caller): what
+    # ``Logger.info`` adds on top, finding the caller's file and line by walking the stack, is
+    # never written.
+    record = _access_log.makeRecord(
+        _access_log.name,
+        logging.INFO,
+        "",
+        0,
+        "%s %s %s",
+        (method, path, fields["status"]),
+        None,
+        extra={FIELDS: fields, "request_id": request_id},
     )
+    _access_log.handle(record)

@@ -65,12 +65,21 @@ def test_access_records_have_fields_and_no_query_string() -> None:
         "GET /ws?access_token=lg_abcdefghijklmnopqrstuvwxyz&x=1",
         make_jwt("a:b"),
         "token lg_abcdefghijklmnopqrstuvwxyz0123",
+        # Case does not matter to the pattern, nor to the quick check before it.
+        "BEARER LG_abcdefghijklmnopqrstuvwxyz",
+        "GET /ws?ACCESS_TOKEN=lg_abcdefghijklmnopqrstuvwxyz",
+        make_jwt("a:b").replace("eyJ", "EYJ", 1),
     ],
 )
 def test_credential_shaped_text_is_masked(secret: str) -> None:
-    assert "abcdefghijklmnop" not in redact(secret)
+    assert "abcdefghijklmnop" not in redact(secret).lower()
     assert "[redacted]" in redact(secret)
     assert JWT_SECRET not in redact(secret)
+
+
+def test_text_without_credentials_is_unchanged() -> None:
+    text = "POST /v1/topics/orders:publish 200 from 127.0.0.1:40000 Bear lg-x eyX"
+    assert redact(text) is text
 
 
 async def test_request_ids_are_returned_and_in_every_log_line(app: Quart) -> None:
