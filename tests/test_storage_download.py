@@ -5,7 +5,7 @@ a download whose client takes nothing."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -115,6 +115,17 @@ async def _serve_to_a_client_taking_nothing(app: Quart, target: str, stuck: asyn
     finishes taking the first body chunk (its send blocks, as Hypercorn's does on a full socket),
     without disconnecting; ``stuck`` is set when that send begins. Returns once the app has
     ended the response."""
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            stuck.set()
+            await asyncio.Event().wait()
+
+    await asyncio.wait_for(app(http_scope(target), staying_client(), send), WAIT)
+
+
+def staying_client() -> Callable[[], Awaitable[dict[str, Any]]]:
+    """The ASGI ``receive`` of a GET whose client stays connected until the response ends."""
     requested = False
 
     async def receive() -> dict[str, Any]:
@@ -125,12 +136,7 @@ async def _serve_to_a_client_taking_nothing(app: Quart, target: str, stuck: asyn
         await asyncio.Event().wait()  # no disconnect: the client stays
         raise AssertionError("unreachable")
 
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.body" and message.get("body"):
-            stuck.set()
-            await asyncio.Event().wait()
-
-    await asyncio.wait_for(app(http_scope(target), receive, send), WAIT)
+    return receive
 
 
 @pytest.fixture
@@ -173,17 +179,8 @@ async def test_a_slow_client_that_keeps_taking_chunks_gets_the_whole_object(
     each chunk in 0.3 s gets all of them, though together they take longer than the timeout."""
     target = path(bucket, "slowly")
     await _put(patient_app, target)
-    requested = False
     received: list[bytes] = []
     ended = asyncio.Event()
-
-    async def receive() -> dict[str, Any]:
-        nonlocal requested
-        if not requested:
-            requested = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await asyncio.Event().wait()  # no disconnect: the client stays
-        raise AssertionError("unreachable")
 
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.body":
@@ -193,7 +190,7 @@ async def test_a_slow_client_that_keeps_taking_chunks_gets_the_whole_object(
             if not message.get("more_body", False):
                 ended.set()
 
-    await asyncio.wait_for(patient_app(http_scope(target), receive, send), WAIT)
+    await asyncio.wait_for(patient_app(http_scope(target), staying_client(), send), WAIT)
     assert ended.is_set()
     assert len(received) >= 4  # at least 1.2 s of sends
     assert sum(map(len, received)) == 4 * storage_download.READ_BYTES
