@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from quart import Quart
 from quart_schema import Info, OpenAPIProvider, QuartSchema
@@ -61,10 +61,44 @@ def init_openapi(app: Quart, *, security_schemes: dict[str, Any]) -> QuartSchema
     return schema
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+# Values of a dict or list result looked at before it is left to quart-schema: a small result
+# (a health check's) is checked in microseconds, a large one (a page of a thousand objects) would
+# cost about as much to check as to convert.
+_PLAIN_BUDGET = 256
+
+
+def _plain_json(value: Any) -> bool:
+    """Whether ``value`` is a dict or list of only dicts with ``str`` keys, lists and scalars, at
+    most ``_PLAIN_BUDGET`` values in all: what quart-schema would pass through a pydantic
+    ``TypeAdapter`` made for the occasion, to get the same value back."""
+    if type(value) is not dict and type(value) is not list:
+        return False
+    pending = [value]
+    budget = _PLAIN_BUDGET
+    while pending:
+        item = pending.pop()
+        budget -= 1
+        if budget < 0:
+            return False
+        kind = type(item)
+        if kind is dict:
+            mapping = cast(dict[Any, Any], item)
+            if any(type(key) is not str for key in mapping):
+                return False
+            pending.extend(mapping.values())
+        elif kind is list:
+            pending.extend(cast(list[Any], item))
+        elif kind not in _SCALARS:
+            return False
+    return True
+
+
 def _nothing_to_convert(result: Any) -> bool:
-    """Whether quart-schema's conversion would return ``result`` unchanged: a response, text or
-    bytes, alone or with a status and headers given as ``Headers`` or as a dict of strings whose
-    names have no ``_`` (which it would turn into ``-``)."""
+    """Whether quart-schema's conversion would return ``result`` unchanged: a response, text,
+    bytes or a small plain JSON value (:func:`_plain_json`), alone or with a status and headers
+    given as ``Headers`` or as a dict of strings whose names have no ``_`` (which it would turn
+    into ``-``)."""
     headers: Any = None
     if isinstance(result, tuple):
         if len(result) == 3:
@@ -77,7 +111,9 @@ def _nothing_to_convert(result: Any) -> bool:
             return False
     else:
         value = result
-    if not isinstance(value, (SansIOResponse, str, bytes, HTTPException)):
+    if not isinstance(value, (SansIOResponse, str, bytes, HTTPException)) and not _plain_json(
+        value
+    ):
         return False
     if headers is None or isinstance(headers, Headers):
         return True

@@ -259,14 +259,29 @@ async def test_responses_are_converted_only_when_they_hold_something_to_convert(
     async def response() -> tuple[Response, int, dict[str, str]]:
         return Response("done"), 202, {"X-Done": "yes"}
 
+    @app.get("/test/nested")
+    async def nested() -> dict[str, Any]:
+        return {"receipts": [Receipt(order_id="o-3")]}
+
+    @app.get("/test/large")
+    async def large() -> dict[str, Any]:
+        return {"items": [{"name": str(i)} for i in range(300)]}
+
+    @app.get("/test/plain")
+    async def plain() -> dict[str, Any]:
+        return {"status": "ok", "counts": [1, 2.5, None, True], "nested": {"a": {"b": "c"}}}
+
     client = app.test_client()
     answer = await client.get("/test/model")
     assert (await answer.get_json()) == {"order_id": "o-1", "lines": 2}
     answer = await client.get("/test/dataclass")
     assert answer.status_code == 201 and answer.headers["X-Receipt"] == "yes"
     assert (await answer.get_json()) == {"order_id": "o-2"}
-    assert (await client.get("/healthz")).status_code == 200  # a dict, converted as before
-    assert len(converted) == 3
+    answer = await client.get("/test/nested")  # a dataclass inside a dict
+    assert (await answer.get_json()) == {"receipts": [{"order_id": "o-3"}]}
+    answer = await client.get("/test/large")  # too many values to check: left to quart-schema
+    assert len((await answer.get_json())["items"]) == 300
+    assert len(converted) == 4
     converted.clear()
 
     answer = await client.get("/test/response")
@@ -277,4 +292,11 @@ async def test_responses_are_converted_only_when_they_hold_something_to_convert(
     )
     assert publish.status_code == 200 and len((await publish.get_json())["messageIds"]) == 1
     assert (await client.get("/nope")).status_code == 404  # an error handler's answer
+    assert (await client.get("/healthz")).status_code == 200  # a small plain dict
+    answer = await client.get("/test/plain")
+    assert (await answer.get_json()) == {
+        "status": "ok",
+        "counts": [1, 2.5, None, True],
+        "nested": {"a": {"b": "c"}},
+    }
     assert converted == []
