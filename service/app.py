@@ -15,9 +15,10 @@ from .clients import builtin_clients
 from .clients.pubsub.streaming_pull import STREAMING
 from .config import Settings, load_settings
 from .error_responses import register_error_handlers
-from .logs import configure_logging, init_loop_logging, init_request_ids
+from .logs import configure_logging, init_loop_logging
 from .loopclients import ClientSpec, LoopClients
 from .openapi import init_openapi
+from .request_ids import init_request_ids
 from .routes import client, console, health, publish, storage, storage_signed, subscribe
 from .streams.gate import GATE
 from .streams.hub import FANOUT

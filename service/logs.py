@@ -1,9 +1,9 @@
 """Structured logs: one JSON object per line, each with the request id of the request it belongs to.
 
-Every request gets an id: a sane incoming ``X-Request-ID`` (1-128 characters of letters, digits and
-``-_.:``) or a new one. It is returned in the ``X-Request-ID`` response header and is a field of every
-log line written while the request runs. Hypercorn's access log uses the same formatter (see
-``logconfig_dict`` in hypercorn.toml) and takes the id from the response header.
+Every request gets an id (:mod:`service.request_ids`), returned in the ``X-Request-ID`` response
+header; it is a field of every log line written while the request runs. Hypercorn's access log uses
+the same formatter (see ``logconfig_dict`` in hypercorn.toml) and takes the id from the response
+header.
 
 Every line the service writes is JSON, the event loop's own reports included:
 :func:`configure_logging` gives every logger the same handler, and :func:`init_loop_logging`
@@ -27,36 +27,26 @@ masks anything that looks like a bearer credential, a JWT or an ``access_token``
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import datetime
 import json
 import logging
-import os
 import re
 import ssl
 import sys
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, MutableMapping
+from collections.abc import Awaitable, Coroutine, Mapping, MutableMapping
 from typing import Any
 
 from quart import Quart
 
-REQUEST_ID_HEADER = "X-Request-ID"
-_REQUEST_ID_NAME = REQUEST_ID_HEADER.lower().encode()
-_SANE_ID = re.compile(r"[A-Za-z0-9\-_.:]{1,128}")
+from .request_ids import ASGIApp, Send, principal_var, request_id_in, request_id_var
+
 _SECRETS = re.compile(
     r"(?i)(bearer\s+)\S+"
     r"|(access_token=)[^&\s\"']+"
     r"|eyJ[\w-]*\.[\w-]*\.[\w-]*"
     r"|\blg_[\w-]{16,}"
-)
-
-request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "loopgate.request_id", default=None
-)
-principal_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "loopgate.principal", default=None
 )
 
 _loop_log = logging.getLogger("loopgate.loop")
@@ -238,90 +228,6 @@ def init_loop_logging(app: Quart) -> None:
         asyncio.get_running_loop().set_exception_handler(log_loop_exception)
 
 
-def _incoming_id(headers: Any) -> str:
-    """The sane ``X-Request-ID`` among ASGI ``headers``, or a new id."""
-    for name, value in headers:
-        if name == _REQUEST_ID_NAME:  # ASGI header names are lower case
-            incoming = bytes(value).decode("latin-1")
-            if _SANE_ID.fullmatch(incoming):
-                return incoming
-            break
-    return os.urandom(16).hex()
-
-
-def init_request_ids(app: Quart) -> None:
-    """Give every request and websocket an id, in the logs and in ``X-Request-ID``."""
-    if not isinstance(app.asgi_app, RequestIds):
-        app.asgi_app = RequestIds(app.asgi_app)  # type: ignore[method-assign]  # ASGI middleware
-
-
-class RequestIds:
-    """ASGI middleware giving each HTTP request and websocket its id (:func:`init_request_ids`).
-
-    It sets :data:`request_id_var` (and clears :data:`principal_var`) before the app runs, so every
-    task the request starts inherits them, and adds ``X-Request-ID`` to the response's head (or the
-    websocket's accept or refusal) as ASGI headers. An ASGI layer instead of Quart ``before`` and
-    ``after`` hooks: the two hook calls, ``g`` and a header set through werkzeug's ``Headers`` cost
-    about 20 microseconds on every request, a few percent of a publish.
-
-    Installed inside the middleware that hands stream routes their websocket's raw ``send``
-    (``service.server.quart_connections.ExposeWebsocketSend``), so the frames of a stream do not
-    pass through it.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    def __call__(self, scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]:
-        kind = scope["type"]
-        if kind == "http":
-            return self._http(scope, receive, send)
-        if kind == "websocket":
-            # Not a coroutine of its own: it would stay alive, with its frame, for as long as each
-            # connection. A server runs each websocket in a task of its own, which these set for.
-            request_id = _incoming_id(scope.get("headers", ()))
-            request_id_var.set(request_id)
-            principal_var.set(None)
-            return self.app(scope, receive, _WithRequestId(send, request_id, _WEBSOCKET_STARTS))
-        return self.app(scope, receive, send)
-
-    async def _http(self, scope: Any, receive: Any, send: Any) -> None:
-        request_id = _incoming_id(scope.get("headers", ()))
-        ids = request_id_var.set(request_id)
-        principal = principal_var.set(None)
-        try:
-            await self.app(scope, receive, _WithRequestId(send, request_id, _HTTP_STARTS))
-        finally:
-            request_id_var.reset(ids)
-            principal_var.reset(principal)
-
-
-_HTTP_STARTS = frozenset({"http.response.start"})
-_WEBSOCKET_STARTS = frozenset({"websocket.accept", "websocket.http.response.start"})
-
-
-class _WithRequestId:
-    """An ASGI ``send`` adding ``X-Request-ID`` to the head it sends; a plain call after that."""
-
-    __slots__ = ("_header", "_send", "_starts")
-
-    def __init__(self, send: Send, request_id: str, starts: frozenset[str]) -> None:
-        self._send = send
-        self._header: tuple[bytes, bytes] | None = (_REQUEST_ID_NAME, request_id.encode())
-        self._starts = starts
-
-    def __call__(self, message: MutableMapping[str, Any]) -> Awaitable[None]:
-        header = self._header
-        if header is not None and message["type"] in self._starts:
-            self._header = None
-            message = {**message, "headers": [*message.get("headers", ()), header]}
-        return self._send(message)
-
-
-ASGIApp = Callable[[Any, Any, Any], Coroutine[Any, Any, None]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-
-
 class AccessLog:
     """ASGI middleware that writes one access line per request through ``loopgate.access``,
     with the fields of Hypercorn's (``remote``, ``method``, ``path`` without the query string,
@@ -353,7 +259,7 @@ class AccessLog:
                 response["bytes"] += len(message.get("body", b""))
             elif message["type"] == "http.response.start":
                 response["status"] = message["status"]
-                response["request_id"] = _request_id(message.get("headers", ()))
+                response["request_id"] = request_id_in(message.get("headers", ()))
             await send(message)
 
         try:
@@ -384,15 +290,8 @@ class _WebsocketAccess:
         return self._send(message)
 
     def _done(self, status: int, headers: Any) -> None:
-        _log_access(self._scope, status, None, self._start, _request_id(headers))
+        _log_access(self._scope, status, None, self._start, request_id_in(headers))
         self._scope = None  # logged: the rest are frames
-
-
-def _request_id(headers: Any) -> str | None:
-    for name, value in headers:
-        if name.lower() == _REQUEST_ID_NAME:
-            return bytes(value).decode("latin-1")
-    return None
 
 
 def _log_access(

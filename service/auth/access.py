@@ -37,7 +37,7 @@ from quart_schema import document_response, security_scheme
 
 from ..config import Settings, SettingsError
 from ..errors import ErrorResponse, Forbidden, Unauthenticated
-from ..logs import principal_var
+from ..request_ids import principal_var
 from .jwts import InvalidJwt, JwtVerifier, looks_like_jwt
 from .tokens import ANONYMOUS, Identity, TokenFileError, TokenStore
 
