@@ -478,3 +478,16 @@ async def subscriber_that_reads_nothing(server: Server, topic: str) -> socket.so
                 raise AssertionError(f"the server closed the websocket: {received[:500]!r}")
             received += chunk
     return sock
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length: status, headers (lower-cased), body."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), WAIT)
+    return int(status_line.split()[1]), headers, body

@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 import pytest
-from conftest import WAIT, Server, http_scope
+from conftest import WAIT, Server, http_scope, read_response
 
 from service.server.framing import FramingError, FramingGuard, check_framing
 
@@ -115,19 +115,6 @@ async def test_the_guard_passes_other_requests_and_scopes() -> None:
 
 
 # -- through a real server, each supported one ----------------------------------------------------------
-
-
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 response with a Content-Length: status, headers (lower-cased), body."""
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), WAIT)
-    return int(status_line.split()[1]), headers, body
 
 
 async def after_response(reader: asyncio.StreamReader) -> bytes:

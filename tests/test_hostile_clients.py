@@ -22,7 +22,15 @@ import aiohttp
 import pytest
 from aiohappyeyeballs import AddrInfoType
 from authkit import JWT_SECRET, bearer, make_jwt, new_token, write_tokens
-from conftest import WAIT, PubSubAdmin, Server, run_in_thread, spawn_server, wait_until_up
+from conftest import (
+    WAIT,
+    PubSubAdmin,
+    Server,
+    read_response,
+    run_in_thread,
+    spawn_server,
+    wait_until_up,
+)
 
 from bench.procs import descendants
 
@@ -277,7 +285,15 @@ async def test_a_websocket_from_a_disallowed_origin_is_refused(target: Target) -
         await ws.close()
 
 
-async def test_an_oversized_publish_body_is_413(server_target: Target) -> None:
+# Granian ends a request's body when the response starts while a receive is waiting for it (as
+# Quart's always is): it closes the connection under a client still sending, whose writes then
+# end in a reset that may come before it reads the answer. Under the other servers the rest of
+# the body is read and dropped before the response ends (service/server/request_body.py).
+GRANIAN_CLOSES = "granian closes a connection whose body is unread when the answer starts"
+
+
+async def test_an_oversized_publish_body_is_413(server_target: Target, server_name: str) -> None:
+    # The 413 comes before the body is all sent.
     data = base64.b64encode(b"x" * (8 * MIB)).decode()  # 10.7 MiB of JSON: over the 10 MiB limit
     body = io.BytesIO(json.dumps({"messages": [{"data": data}]}).encode())
     async with aiohttp.ClientSession() as session:
@@ -292,10 +308,40 @@ async def test_an_oversized_publish_body_is_413(server_target: Target) -> None:
                 assert (await response.json())["error"]["status"] == "PAYLOAD_TOO_LARGE"
             await drop()
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-            # The server closes with the rest of the body unread, which resets the connection:
-            # on a loaded machine the reset can come before the client has read the 413 (no
-            # lingering close for the publish route yet), as in the header flood below.
-            pass
+            if server_name != "granian":
+                raise
+            # GRANIAN_CLOSES: the reset came before the answer was read
+
+
+async def test_a_client_that_sends_all_of_an_oversized_body_before_reading_gets_the_413(
+    server_target: Target, server_name: str, request: pytest.FixtureRequest
+) -> None:
+    if server_name == "granian":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=GRANIAN_CLOSES))
+    # More body than the loopback socket buffers hold: unless the server reads the rest of it
+    # after refusing it, the client's writes end in a reset, and the 413 is lost with them.
+    size = 32 * MIB
+    head = (
+        f"POST /v1/topics/{server_target.topic}:publish HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {size}\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", server_target.server.port), WAIT
+    )
+    try:
+        writer.write(head)
+        chunk = b"x" * MIB
+        for _ in range(size // MIB):
+            writer.write(chunk)
+            await asyncio.wait_for(writer.drain(), WAIT)
+        status, _, body = await read_response(reader)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait_for(writer.wait_closed(), WAIT)
+    assert status == 413
+    assert json.loads(body)["error"]["status"] == "PAYLOAD_TOO_LARGE"
 
 
 def connection_dropper(response: aiohttp.ClientResponse) -> Callable[[], Awaitable[None]]:

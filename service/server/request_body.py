@@ -17,6 +17,11 @@ other request is passed through untouched::
     async def upload() -> str:
         async for chunk in request_stream().chunks():
             ...
+
+A request that Quart reads itself gets a lingering close too, when its body is large or chunked:
+a handler that answers before the body has arrived (a ``413`` for a publish over the size limit,
+a ``401``) would otherwise end the response with the rest of the body unread, and the server's
+close then resets the connection under a client still sending, which may lose the answer.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ SCOPE_KEY = "loopgate.request_stream"
 LINGER_SECONDS = 10.0
 _MARK = "_loopgate_streams_body"
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
+# A declared body up to this size is read off the socket by the server before any answer could
+# end its response (its socket buffers and receive queue hold it): no lingering close is needed.
+LINGER_ABOVE = 64 * 1024
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -137,8 +145,52 @@ class RequestStream:
                 self.complete = True
 
 
+class ReceivedBody:
+    """The receive channel of a request whose body Quart reads, noting when that body ends.
+
+    Quart keeps reading the channel until the client disconnects, for as long as the handler's
+    task runs, and so while the response is being sent: :meth:`discard_rest` waits for its
+    reading to reach the body's end (it drops what it reads past a refused body's limit).
+    """
+
+    def __init__(self, receive: ASGIReceiveCallable) -> None:
+        self._receive = receive
+        self._ended = asyncio.Event()
+        self.complete = False
+        self.disconnected = False
+
+    async def receive(self) -> ASGIReceiveEvent:
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            self.disconnected = True
+            self._ended.set()
+        elif message["type"] == "http.request" and not message.get("more_body", False):
+            self.complete = True
+            self._ended.set()
+        return message
+
+    async def discard_rest(self) -> None:
+        """Wait until the body has been read to its end, or the client has gone."""
+        await self._ended.wait()
+
+
+def _large_body(scope: Any) -> bool:
+    """Whether the request declares a body over :data:`LINGER_ABOVE`, or a chunked one."""
+    for name, value in scope["headers"]:
+        name = name.lower()
+        if name == b"content-length":
+            try:  # the framing guard, outside, refuses all but digits (``5, 5`` is one length)
+                return int(value.split(b",")[0]) > LINGER_ABOVE
+            except ValueError:
+                return True
+        if name == b"transfer-encoding":
+            return True
+    return False
+
+
 class StreamingBodies:
-    """ASGI middleware giving views marked with :func:`streams_body` their raw request body."""
+    """ASGI middleware giving views marked with :func:`streams_body` their raw request body, and
+    other requests with a large body a lingering close."""
 
     def __init__(self, app: Quart, asgi_app: Callable[..., Any]) -> None:
         self.app = app
@@ -150,12 +202,16 @@ class StreamingBodies:
     ) -> Coroutine[Any, Any, None]:
         # A plain function handing back the app's coroutine: a coroutine of its own would stay
         # alive, with its frame, for as long as each connection (websockets included).
-        if scope["type"] == "http" and self._streams(scope):
+        result: Coroutine[Any, Any, None]
+        if scope["type"] != "http" or scope["method"] in _BODYLESS:
+            result = self.asgi_app(scope, receive, send)
+        elif self._streams(scope):
             stream = RequestStream(receive)
             scope = cast(Scope, {**scope, SCOPE_KEY: stream})
-            result: Coroutine[Any, Any, None] = self.asgi_app(
-                scope, stream.receive_for_app, _finishing(stream, send)
-            )
+            result = self.asgi_app(scope, stream.receive_for_app, _finishing(stream, send))
+        elif _large_body(scope):
+            body = ReceivedBody(receive)
+            result = self.asgi_app(scope, body.receive, _finishing(body, send))
         else:
             result = self.asgi_app(scope, receive, send)
         return result
@@ -183,7 +239,7 @@ class StreamingBodies:
         return self._methods
 
 
-def _finishing(stream: RequestStream, send: ASGISendCallable) -> ASGISendCallable:
+def _finishing(stream: RequestStream | ReceivedBody, send: ASGISendCallable) -> ASGISendCallable:
     """``send``, receiving and dropping what is left of an unread body before the response ends.
 
     A handler that answers without reading the whole body (a refused upload) leaves the rest to

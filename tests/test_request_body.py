@@ -1,0 +1,120 @@
+"""A body that the app refuses before reading it is still read to its end before the response
+ends (a lingering close), in process: the app called directly through its ASGI callable."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from conftest import WAIT, Topic, http_scope
+from quart import Quart
+
+from service.server.request_body import LINGER_ABOVE, ReceivedBody, _large_body
+
+MIB = 1024 * 1024
+
+
+class Client:
+    """The client side of one ASGI request: a body fed piece by piece, and what was sent back."""
+
+    def __init__(self) -> None:
+        self.pieces: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.sent: list[dict[str, Any]] = []
+        self.answered = asyncio.Event()  # the response's body has come
+        self.ended = asyncio.Event()  # the response has ended
+
+    async def receive(self) -> dict[str, Any]:
+        return await self.pieces.get()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+        if message["type"] == "http.response.body":
+            if message.get("body"):
+                self.answered.set()
+            if not message.get("more_body", False):
+                self.ended.set()
+
+    def send_body(self, pieces: int, *, last: bool) -> None:
+        for index in range(pieces):
+            more = not (last and index == pieces - 1)
+            self.pieces.put_nowait({"type": "http.request", "body": b"x" * MIB, "more_body": more})
+
+
+def publish_scope(topic: str, length: int) -> dict[str, Any]:
+    scope = http_scope(f"/v1/topics/{topic}:publish", "POST")
+    scope["headers"] += [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % length),
+    ]
+    return scope
+
+
+async def test_a_refused_publish_body_is_read_to_its_end_before_the_response_ends(
+    app: Quart, topic: Topic
+) -> None:
+    client = Client()
+    client.send_body(1, last=False)
+    call = asyncio.ensure_future(
+        app.asgi_app(publish_scope(topic.name, 12 * MIB), client.receive, client.send)  # type: ignore[arg-type]
+    )
+    try:
+        await asyncio.wait_for(client.answered.wait(), WAIT)
+        assert client.sent[0]["status"] == 413
+        assert not client.ended.is_set()  # the rest of the body is still to come
+        client.send_body(11, last=True)
+        await asyncio.wait_for(client.ended.wait(), WAIT)
+        assert client.pieces.empty()  # all of it was read before the end
+        await asyncio.wait_for(call, WAIT)
+    finally:
+        call.cancel()
+
+
+async def test_a_client_that_goes_away_ends_the_lingering_response(
+    app: Quart, topic: Topic
+) -> None:
+    client = Client()
+    client.send_body(1, last=False)
+    call = asyncio.ensure_future(
+        app.asgi_app(publish_scope(topic.name, 12 * MIB), client.receive, client.send)  # type: ignore[arg-type]
+    )
+    try:
+        await asyncio.wait_for(client.answered.wait(), WAIT)
+        client.pieces.put_nowait({"type": "http.disconnect"})
+        await asyncio.wait_for(call, WAIT)  # no further send: nothing reaches a client gone
+    finally:
+        call.cancel()
+
+
+@pytest.mark.parametrize(
+    ("headers", "large"),
+    [
+        ([(b"content-length", b"%d" % LINGER_ABOVE)], False),
+        ([(b"content-length", b"%d" % (LINGER_ABOVE + 1))], True),
+        ([(b"Content-Length", b"%d, %d" % (MIB, MIB))], True),
+        ([(b"transfer-encoding", b"chunked")], True),
+        ([(b"content-type", b"application/json")], False),
+    ],
+)
+def test_which_bodies_get_a_lingering_close(
+    headers: list[tuple[bytes, bytes]], large: bool
+) -> None:
+    assert _large_body({"headers": [(b"host", b"x"), *headers]}) is large
+
+
+async def test_the_end_of_the_body_is_noted_whoever_reads_it() -> None:
+    pieces = [
+        {"type": "http.request", "body": b"a", "more_body": True},
+        {"type": "http.request", "body": b"b", "more_body": False},
+    ]
+
+    async def receive() -> Any:
+        return pieces.pop(0)
+
+    body = ReceivedBody(receive)
+    waiting = asyncio.ensure_future(body.discard_rest())
+    assert (await body.receive())["body"] == b"a"
+    assert not body.complete and not waiting.done()
+    assert (await body.receive())["body"] == b"b"
+    await asyncio.wait_for(waiting, WAIT)
+    assert body.complete and not body.disconnected
