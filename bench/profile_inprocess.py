@@ -11,7 +11,9 @@ its CPU is not counted. Rounds alternate these variants on the one running serve
 * ``no-access-log``: no access log at all, for its cost;
 * ``convert-every-response``: loopgate's access log, and quart-schema's conversion of every
   response as quart-schema installs it (loopgate skips it for responses that need none);
-* ``upstream-both``: Hypercorn's atoms and quart-schema's conversion of every response, as before.
+* ``upstream-both``: Hypercorn's atoms and quart-schema's conversion of every response, as before;
+* ``request-tasks``: loopgate's access log, and every request served by Quart's two tasks (a
+  small body is otherwise read first, and its handler run in the connection's task).
 
 Absolute numbers depend on what else the machine runs; compare the variants of one run.
 ``GRPC_ENABLE_FORK_SUPPORT=false`` in the environment spares the line gRPC logs each time wrk is
@@ -88,23 +90,39 @@ def _variants(config: Any, app: Any) -> dict[str, Callable[[], None]]:
     # quart-schema's conversion of every response, as its init_app installs it.
     converting = wrap_make_response(types.MethodType(Quart.make_response, app))
 
-    def use(logger: Any, make_response: Any) -> Callable[[], None]:
+    connection = app.asgi_http_class
+    with_tasks = connection
+    if hasattr(connection, "serve_with_tasks"):
+
+        class WithTasks(connection):  # type: ignore[misc,valid-type]
+            async def __call__(self, receive: Any, send: Any) -> None:
+                request = self._create_request_from_scope(send)
+                await self.serve_with_tasks(request, receive, send)
+
+        with_tasks = WithTasks
+
+    def use(logger: Any, make_response: Any, http_class: Any = connection) -> Callable[[], None]:
         def apply() -> None:
             config._log = logger  # the server reads config.log for every access line
             app.make_response = make_response
+            app.asgi_http_class = http_class
 
         return apply
 
     variants = {name: use(logger, as_built) for name, logger in loggers.items()}
     variants["convert-every-response"] = use(lean, converting)
     variants["upstream-both"] = use(loggers["hypercorn-atoms"], converting)
+    variants["request-tasks"] = use(lean, as_built, with_tasks)
     return variants
 
 
 async def _micro(config: Any, app: Any, variants: dict[str, Callable[[], None]]) -> None:
-    """Tight loops over the two pieces the variants change: one access line (atoms, the JSON
-    formatter, the write to /dev/null) and one ``make_response`` of a publish answer."""
+    """Tight loops over the pieces the variants change: one access line (atoms, the JSON
+    formatter, the write to /dev/null), one ``make_response`` of a publish answer, and one
+    publish through the app's ASGI callable (no server, no socket; Pub/Sub's answer stubbed)."""
     from quart import Response
+
+    from service.clients.pubsub.publisher import Publisher
 
     request = {
         "type": "http",
@@ -135,28 +153,63 @@ async def _micro(config: Any, app: Any, variants: dict[str, Callable[[], None]])
         ],
     }
     count = 5000
+    payload = body(1)
+    publish_scope = {
+        **request,
+        "asgi": {"version": "3.0"},
+        "headers": [
+            (b"host", b"127.0.0.1:8080"),
+            (b"content-length", b"%d" % len(payload)),
+            (b"content-type", b"application/json"),
+        ],
+    }
 
-    async def best(step: Callable[[], Any]) -> float:
+    async def publish_once() -> None:
+        sent: list[Any] = []
+        messages = [{"type": "http.request", "body": payload, "more_body": False}]
+
+        async def receive() -> Any:
+            if messages:
+                return messages.pop()
+            await asyncio.Event().wait()  # the client stays
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        await app(dict(publish_scope), receive, send)
+        assert sent[0]["status"] == 200, sent
+
+    async def stubbed(self: Any, topic: str, messages: Any, trace: Any = None) -> list[str]:
+        return [str(index) for index in range(len(messages))]
+
+    async def best(step: Callable[[], Any], calls: int = count) -> float:
         times = []
         for _ in range(5):
             start = time.process_time()
-            for _ in range(count):
+            for _ in range(calls):
                 await step()
             times.append(time.process_time() - start)
-        return 1e6 * min(times) / count
+        return 1e6 * min(times) / calls
 
     print(
-        f"\ntight loops, best of 5 x {count} (us per call), {len(os.environ)} environment "
-        "variables:\n\n| variant | one access line | make_response of a publish answer |"
-        "\n|---|---:|---:|"
+        f"\ntight loops, best of 5 x {count} (us per call; the app: x {count // 5}), "
+        f"{len(os.environ)} environment variables:\n\n"
+        "| variant | one access line | make_response of a publish answer | the app, one publish |"
+        "\n|---|---:|---:|---:|"
     )
+    real_publish = Publisher.publish
     for name, apply in variants.items():
         apply()
         logger = config.log
         line = await best(lambda logger=logger: logger.access(request, response, 0.001))
         async with app.app_context():
             made = await best(lambda: app.make_response(Response('{"messageIds":["1"]}', 200)))
-        print(f"| {name} | {line:.1f} | {made:.1f} |")
+        Publisher.publish = stubbed  # type: ignore[method-assign]
+        try:
+            whole = await best(publish_once, count // 5)
+        finally:
+            Publisher.publish = real_publish  # type: ignore[method-assign]
+        print(f"| {name} | {line:.1f} | {made:.1f} | {whole:.1f} |")
 
 
 async def _wrk(port: int, body_file: Path, connections: int, duration: float) -> int:
@@ -230,7 +283,9 @@ async def _serve_and_measure(args: argparse.Namespace, scratch: Path) -> None:
     if args.stub_publisher:
         from service.clients.pubsub.publisher import Publisher
 
-        async def publish(self: Publisher, topic: str, messages: Any) -> list[str]:
+        async def publish(
+            self: Publisher, topic: str, messages: Any, trace: Any = None
+        ) -> list[str]:
             return [str(index) for index in range(len(messages))]
 
         Publisher.publish = publish  # type: ignore[method-assign]

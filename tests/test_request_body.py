@@ -1,5 +1,6 @@
-"""A body that the app refuses before reading it is still read to its end before the response
-ends (a lingering close), in process: the app called directly through its ASGI callable."""
+"""Request bodies, in process (apps called through their ASGI callable): a body that the app
+refuses before reading it is still read to its end before the response ends (a lingering
+close), and a small one is read before its handler runs, in the connection's own task."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from typing import Any
 
 import pytest
 from conftest import WAIT, Topic, http_scope
-from quart import Quart
+from quart import Quart, request
 
+from service.server.quart_connections import INLINE_BODY_BYTES, HTTPConnection
 from service.server.request_body import LINGER_ABOVE, ReceivedBody, _large_body
+from service.server.request_body import SCOPE_KEY as STREAM_KEY
 
 MIB = 1024 * 1024
 
@@ -118,3 +121,80 @@ async def test_the_end_of_the_body_is_noted_whoever_reads_it() -> None:
     assert (await body.receive())["body"] == b"b"
     await asyncio.wait_for(waiting, WAIT)
     assert body.complete and not body.disconnected
+
+
+# -- small bodies: read first, their handler run in the connection's own task ----------------
+
+
+def inline_app(body_timeout: float | None = None) -> tuple[Quart, list[asyncio.Task[Any] | None]]:
+    """A Quart app with loopgate's HTTP connection, whose route records the task it ran in."""
+    app = Quart(__name__)
+    app.asgi_http_class = HTTPConnection
+    app.config["BODY_TIMEOUT"] = body_timeout
+    tasks: list[asyncio.Task[Any] | None] = []
+
+    @app.route("/echo", methods=["GET", "POST"])
+    async def echo() -> bytes:
+        tasks.append(asyncio.current_task())
+        return await request.get_data()
+
+    return app, tasks
+
+
+def echo_scope(method: str, body: bytes, **extra: Any) -> dict[str, Any]:
+    scope = http_scope("/echo", method)
+    scope["headers"] += [(b"content-length", b"%d" % len(body))]
+    scope.update(extra)
+    return scope
+
+
+async def call(app: Quart, scope: dict[str, Any], client: Client) -> None:
+    async with asyncio.timeout(WAIT):  # not wait_for: before Python 3.12 it runs a task
+        await app(scope, client.receive, client.send)  # type: ignore[arg-type]
+
+
+async def test_a_small_body_is_read_first_and_its_handler_runs_in_the_connections_task() -> None:
+    app, tasks = inline_app()
+    client = Client()
+    client.pieces.put_nowait({"type": "http.request", "body": b"hel", "more_body": True})
+    client.pieces.put_nowait({"type": "http.request", "body": b"lo", "more_body": False})
+    await call(app, echo_scope("POST", b"hello"), client)
+    assert client.sent[0]["status"] == 200
+    assert b"".join(m.get("body", b"") for m in client.sent[1:]) == b"hello"
+    assert tasks == [asyncio.current_task()]
+
+
+@pytest.mark.parametrize(
+    ("method", "size", "extra"),
+    [
+        ("POST", INLINE_BODY_BYTES + 1, {}),  # too large to wait for
+        ("GET", 0, {}),  # no body: the receiver watches for the client going away
+        ("POST", 5, {STREAM_KEY: object()}),  # a body its handler streams
+    ],
+)
+async def test_other_requests_are_served_by_tasks_of_their_own(
+    method: str, size: int, extra: dict[str, Any]
+) -> None:
+    app, tasks = inline_app()
+    client = Client()
+    body = b"x" * size
+    client.pieces.put_nowait({"type": "http.request", "body": body, "more_body": False})
+    await call(app, echo_scope(method, body, **extra), client)
+    assert client.sent[0]["status"] == 200
+    assert len(tasks) == 1 and tasks[0] is not asyncio.current_task()
+
+
+async def test_a_small_body_that_does_not_come_is_answered_408() -> None:
+    app, tasks = inline_app(body_timeout=0.2)
+    client = Client()  # that sends nothing
+    await call(app, echo_scope("POST", b"hello"), client)
+    assert client.sent[0]["status"] == 408
+    assert len(tasks) == 1  # the handler ran, and its read of the body timed out at once
+
+
+async def test_a_client_gone_before_its_small_body_came_gets_nothing() -> None:
+    app, tasks = inline_app()
+    client = Client()
+    client.pieces.put_nowait({"type": "http.disconnect"})
+    await call(app, echo_scope("POST", b"hello"), client)
+    assert client.sent == [] and tasks == []
