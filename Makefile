@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 SERVER ?= hypercorn
+# The suite runs in two processes (pytest-xdist), a test file each at a time: its tests mostly
+# wait on servers and emulators. PYTEST_ARGS= runs it in one.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 run: $(STAMP)
 	SERVER=$(SERVER) $(BIN)/python -m devtools.run
@@ -28,12 +31,12 @@ test: $(STAMP)
 		sh -c 'apt-get update -qq && apt-get install -y -qq chromium >/dev/null') \
 		|| echo "chromium is missing, and the console's tests fail without it:" \
 			"install Debian's chromium: apt-get install -y chromium"
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The whole suite under Python 3.13, in a Debian 13 root built once with debootstrap (needs root;
 # cached in /var/cache/loopgate/py313-root, outside the repository).
 test-py313:
-	bash .ci/py313.sh
+	bash .ci/py313.sh $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check service tests bench devtools

@@ -513,7 +513,9 @@ async def test_bad_sign_requests_are_400(
 
 @pytest.mark.parametrize("name", BAD_NAMES)
 @pytest.mark.parametrize(
-    ("verb", "token", "body"), [("signUrl", READER, {"method": "GET"}), ("startUpload", WRITER, {})]
+    ("verb", "token", "body"),
+    [("signUrl", READER, {"method": "GET"}), ("startUpload", WRITER, {})],
+    ids=["signUrl", "startUpload"],  # not the tokens: they are new in every process
 )
 async def test_bad_names_are_400(
     auth_app: Quart, bucket: str, name: str, verb: str, token: str, body: dict[str, Any]
