@@ -5,6 +5,8 @@ close), and a small one is read before its handler runs, in the connection's own
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -53,9 +55,11 @@ def publish_scope(topic: str, length: int) -> dict[str, Any]:
     return scope
 
 
-async def test_a_refused_publish_body_is_read_to_its_end_before_the_response_ends(
+@contextlib.asynccontextmanager
+async def refused_publish(
     app: Quart, topic: Topic
-) -> None:
+) -> AsyncIterator[tuple[Client, asyncio.Future[None]]]:
+    """A publish declaring 12 MiB, over the limit, with its first MiB sent and its 413 come."""
     client = Client()
     client.send_body(1, last=False)
     call = asyncio.ensure_future(
@@ -64,29 +68,28 @@ async def test_a_refused_publish_body_is_read_to_its_end_before_the_response_end
     try:
         await asyncio.wait_for(client.answered.wait(), WAIT)
         assert client.sent[0]["status"] == 413
+        yield client, call
+    finally:
+        call.cancel()
+
+
+async def test_a_refused_publish_body_is_read_to_its_end_before_the_response_ends(
+    app: Quart, topic: Topic
+) -> None:
+    async with refused_publish(app, topic) as (client, call):
         assert not client.ended.is_set()  # the rest of the body is still to come
         client.send_body(11, last=True)
         await asyncio.wait_for(client.ended.wait(), WAIT)
         assert client.pieces.empty()  # all of it was read before the end
         await asyncio.wait_for(call, WAIT)
-    finally:
-        call.cancel()
 
 
 async def test_a_client_that_goes_away_ends_the_lingering_response(
     app: Quart, topic: Topic
 ) -> None:
-    client = Client()
-    client.send_body(1, last=False)
-    call = asyncio.ensure_future(
-        app.asgi_app(publish_scope(topic.name, 12 * MIB), client.receive, client.send)  # type: ignore[arg-type]
-    )
-    try:
-        await asyncio.wait_for(client.answered.wait(), WAIT)
+    async with refused_publish(app, topic) as (client, call):
         client.pieces.put_nowait({"type": "http.disconnect"})
         await asyncio.wait_for(call, WAIT)  # no further send: nothing reaches a client gone
-    finally:
-        call.cancel()
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,7 @@ from ..errors import error_body
 log = logging.getLogger("loopgate.server")
 
 _DIGITS = re.compile(rb"[0-9]+")
+LINGER_SECONDS = 10.0  # how long a refused request's body is received and dropped at most
 
 
 class FramingError(Exception):
@@ -121,14 +122,18 @@ async def _refuse(
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if scope["http_version"] in ("1.0", "1.1"):
         headers.append((b"connection", b"close"))
-    # The body is never given to the app, but the server may have queued some of it already:
-    # receive and drop it while answering. Hypercorn queues the end of the request once the
-    # response ends, and with its small per-request queue full of unread body it would wait for
-    # that forever, holding the connection open.
+    # The body is never given to the app: it is received and dropped while answering, and the
+    # response ends once the body has (for up to LINGER_SECONDS), a lingering close. Closing with
+    # the body unread would reset the connection under a client still sending, which may lose
+    # the answer; and Hypercorn queues the end of the request once the response ends, so with its
+    # small per-request queue full of unread body it would wait for that forever.
     discard = asyncio.ensure_future(_discard(receive))
     try:
         await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(discard), LINGER_SECONDS)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
         discard.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -136,8 +141,11 @@ async def _refuse(
 
 
 async def _discard(receive: ASGIReceiveCallable) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+    """Receive and drop the request's body, to its end or the client's going."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
 
 
 def install(app: Quart) -> None:
