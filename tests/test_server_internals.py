@@ -50,3 +50,35 @@ def test_hypercorn_serves_each_connection_by_awaiting_its_tcp_server() -> None:
 def test_a_worker_process_keeps_its_target_keyword_arguments() -> None:
     process = multiprocessing.Process(target=print, kwargs={"shutdown_event": None})
     assert process._kwargs == {"shutdown_event": None}  # what Hypercorn hands its workers
+
+
+async def test_the_request_works_out_its_blueprints_as_quart_does() -> None:
+    from quart import Blueprint, Quart, request
+    from quart.wrappers import Request as QuartRequest
+
+    app = Quart(__name__)
+    app.request_class = quart_connections.Request
+    outer, inner = Blueprint("outer", __name__), Blueprint("inner", __name__)
+    seen: list[tuple[list[str], list[str]]] = []
+
+    @inner.get("/nested")
+    async def nested() -> str:
+        seen.append((request.blueprints, QuartRequest.blueprints.fget(request)))  # type: ignore[attr-defined]
+        return "ok"
+
+    @app.get("/plain")
+    async def plain() -> str:
+        seen.append((request.blueprints, QuartRequest.blueprints.fget(request)))  # type: ignore[attr-defined]
+        return "ok"
+
+    outer.register_blueprint(inner)
+    app.register_blueprint(outer)
+    client = app.test_client()
+    assert (await client.get("/nested")).status_code == 200
+    assert (await client.get("/plain")).status_code == 200
+    assert seen == [(["outer.inner", "outer"], ["outer.inner", "outer"]), ([], [])]
+    async with app.test_request_context("/plain"):
+        assert request.blueprints == []
+        (rule,) = [rule for rule in app.url_map.iter_rules() if rule.endpoint.endswith("nested")]
+        request.url_rule = rule
+        assert request.blueprints == ["outer.inner", "outer"]  # a new rule is noticed

@@ -67,6 +67,7 @@ def _server_module() -> ModuleType:
 def install(app: Quart, settings: Settings) -> None:
     """Adapt ``app`` and the server running it (once per app; the server parts once per process)."""
     app.asgi_http_class = quart_connections.HTTPConnection
+    app.request_class = quart_connections.Request
     app.asgi_websocket_class = quart_connections.WebsocketConnection
     if not isinstance(app.asgi_app, quart_connections.ExposeWebsocketSend):
         app.asgi_app = quart_connections.ExposeWebsocketSend(app.asgi_app)  # type: ignore[method-assign]  # ASGI middleware, as Quart documents it
