@@ -45,6 +45,7 @@ SETUPS = (
     "fastapi-noop",
     "quart-noop",
     "quart-noop-gc",
+    "quart-noop-uvicorn",
     "loopgate",
     "loopgate-uvicorn",
     "loopgate-granian",
@@ -56,6 +57,7 @@ LABELS = {
     "fastapi-noop": "FastAPI no-op (uvicorn), the ceiling for FastAPI on uvicorn",
     "quart-noop": "Quart no-op (Hypercorn), the ceiling",
     "quart-noop-gc": "Quart no-op with loopgate's garbage-collection settings",
+    "quart-noop-uvicorn": "Quart no-op (uvicorn), the ceiling for Quart on uvicorn",
     "loopgate": "loopgate (Hypercorn)",
     "loopgate-uvicorn": "loopgate (uvicorn)",
     "loopgate-granian": "loopgate (granian)",
@@ -94,6 +96,12 @@ def setup_command(key: str, port: int, workers: int, threads: int, scratch: Path
     if key in ("loopgate-uvicorn", "loopgate-granian"):
         # The documented flags as they are (access log included, as in production).
         return server_command(LOOPGATE_SERVERS[key], bind, workers=workers, app=APP)
+    if key == "quart-noop-uvicorn":
+        # What a Quart user runs on uvicorn: the FastAPI setups' flags, no access log.
+        return [
+            sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port),
+            f"--workers={workers}", *FASTAPI_FLAGS, "bench.apps.quart_noop:app",
+        ]  # fmt: skip
     if key.startswith("fastapi"):
         return [
             sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port),
