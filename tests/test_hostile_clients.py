@@ -285,12 +285,13 @@ async def test_a_websocket_from_a_disallowed_origin_is_refused(target: Target) -
         await ws.close()
 
 
-# Granian ends a request's body when the response starts while a receive is waiting for it (as
-# Quart's always is): it closes the connection under a client still sending, whose writes then
-# end in a reset that may come before it reads the answer. Under the other servers the rest of
-# the body is read and dropped before the response ends (service/server/request_body.py).
-# Upstream: emmett-framework/granian#616 (answering before the body is read), open.
-GRANIAN_CLOSES = "granian closes a connection whose body is unread when the answer starts"
+# Granian may end a request's body when the response starts while a receive is waiting for it
+# (as Quart's always is; in some runs it does, in others not): it then closes the connection
+# under a client still sending, whose writes end in a reset that may come before it reads the
+# answer. Under the other servers the rest of the body is read and dropped before the response
+# ends (service/server/request_body.py). Upstream: emmett-framework/granian#616 (answering
+# before the body is read), open.
+GRANIAN_CLOSES = "granian may close a connection whose body is unread when the answer starts"
 
 
 async def test_an_oversized_publish_body_is_413(server_target: Target, server_name: str) -> None:
@@ -315,12 +316,12 @@ async def test_an_oversized_publish_body_is_413(server_target: Target, server_na
 
 
 async def test_a_client_that_sends_all_of_an_oversized_body_before_reading_gets_the_413(
-    server_target: Target, server_name: str, request: pytest.FixtureRequest
+    server_target: Target, server_name: str
 ) -> None:
-    if server_name == "granian":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=GRANIAN_CLOSES))
     # More body than the loopback socket buffers hold: unless the server reads the rest of it
     # after refusing it, the client's writes end in a reset, and the 413 is lost with them.
+    # Under granian that happens in some runs and not in others (GRANIAN_CLOSES): there the test
+    # asks only for the 413 or a reset, never another answer.
     size = 32 * MIB
     head = (
         f"POST /v1/topics/{server_target.topic}:publish HTTP/1.1\r\nHost: x\r\n"
@@ -337,6 +338,10 @@ async def test_a_client_that_sends_all_of_an_oversized_body_before_reading_gets_
             writer.write(chunk)
             await asyncio.wait_for(writer.drain(), WAIT)
         status, _, body = await read_response(reader)
+    except ConnectionError:
+        if server_name != "granian":
+            raise
+        return  # GRANIAN_CLOSES
     finally:
         writer.close()
         with contextlib.suppress(ConnectionError):

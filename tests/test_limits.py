@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 from authkit import bearer, new_token, write_tokens
-from conftest import WAIT, Topic, make_settings
+from conftest import WAIT, Topic, http_scope, make_settings
 from quart import Quart
 from quart.testing.connections import WebsocketResponseError
 from wsapp import add_test_stream_route
@@ -97,6 +97,50 @@ async def test_publish_bytes_over_the_rate_get_429(pubsub_emulator: Any, tmp_pat
         )
         assert second.status_code == 429
         assert "bytes" in (await second.get_json())["error"]["message"]
+
+
+async def test_a_body_over_the_size_limit_is_413_and_charges_nothing(
+    pubsub_emulator: Any, tmp_path: Path, topic: Topic
+) -> None:
+    # A byte budget that the oversized body's declared length would empty: it must be refused
+    # as too large (a 429 would invite a retry that fails again), and charge nothing, so that
+    # the next small publish still goes through. Called as a server calls the app.
+    settings = make_settings(
+        auth="enabled",
+        auth_file=tokens(tmp_path),
+        max_body_bytes=1024,
+        publish_byte_rate=0.01,
+        publish_byte_burst=1500,
+    )
+    async with (app := create_app(settings)).test_app():
+        sent: list[dict[str, Any]] = []
+        answered = asyncio.Event()
+        pieces = [{"type": "http.request", "body": b"x" * 4000, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if pieces:
+                return pieces.pop()
+            await asyncio.Event().wait()  # the client stays
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                answered.set()
+
+        scope = http_scope(f"/v1/topics/{topic.name}:publish", "POST")
+        scope["headers"] += [
+            (b"authorization", f"Bearer {FAST}".encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", b"4000"),
+        ]
+        await asyncio.wait_for(app(scope, receive, send), WAIT)  # type: ignore[arg-type]
+        assert answered.is_set()
+        assert sent[0]["status"] == 413
+        accepted = await app.test_client().post(
+            f"/v1/topics/{topic.name}:publish", json=BODY, headers=bearer(FAST)
+        )
+        assert accepted.status_code == 200, await accepted.get_data()
 
 
 async def test_no_per_token_limits_without_authentication(pubsub_emulator: Any) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 from quart import current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..config import Settings
 from ..errors import RateLimited
@@ -217,7 +218,11 @@ def publish_limited(view: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         nbytes = request.content_length
         if nbytes is None:
-            nbytes = len(await request.get_data(cache=True))
+            nbytes = len(await request.get_data(cache=True))  # 413 past the size limit
+        elif (limit := request.max_content_length) is not None and nbytes > limit:
+            # Refused whatever the budget (a 429 would invite a retry that fails again), and
+            # nothing is charged for it.
+            raise RequestEntityTooLarge()
         current_limiter().charge_publish(current_identity(), nbytes)
         return await view(*args, **kwargs)
 
