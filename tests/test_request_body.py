@@ -13,9 +13,9 @@ import pytest
 from conftest import WAIT, Topic, http_scope
 from quart import Quart, request
 
-from service.server.quart_connections import INLINE_BODY_BYTES, HTTPConnection
-from service.server.request_body import LINGER_ABOVE, ReceivedBody, _large_body
+from service.server.quart_connections import HTTPConnection
 from service.server.request_body import SCOPE_KEY as STREAM_KEY
+from service.server.request_body import SMALL_BODY_BYTES, ReceivedBody, body_size
 
 MIB = 1024 * 1024
 
@@ -95,8 +95,8 @@ async def test_a_client_that_goes_away_ends_the_lingering_response(
 @pytest.mark.parametrize(
     ("headers", "large"),
     [
-        ([(b"content-length", b"%d" % LINGER_ABOVE)], False),
-        ([(b"content-length", b"%d" % (LINGER_ABOVE + 1))], True),
+        ([(b"content-length", b"%d" % SMALL_BODY_BYTES)], False),
+        ([(b"content-length", b"%d" % (SMALL_BODY_BYTES + 1))], True),
         ([(b"Content-Length", b"%d, %d" % (MIB, MIB))], True),
         ([(b"transfer-encoding", b"chunked")], True),
         ([(b"content-type", b"application/json")], False),
@@ -105,7 +105,7 @@ async def test_a_client_that_goes_away_ends_the_lingering_response(
 def test_which_bodies_get_a_lingering_close(
     headers: list[tuple[bytes, bytes]], large: bool
 ) -> None:
-    assert _large_body({"headers": [(b"host", b"x"), *headers]}) is large
+    assert (body_size({"headers": [(b"host", b"x"), *headers]}) == "large") is large
 
 
 async def test_the_end_of_the_body_is_noted_whoever_reads_it() -> None:
@@ -170,7 +170,7 @@ async def test_a_small_body_is_read_first_and_its_handler_runs_in_the_connection
 @pytest.mark.parametrize(
     ("method", "size", "extra"),
     [
-        ("POST", INLINE_BODY_BYTES + 1, {}),  # too large to wait for
+        ("POST", SMALL_BODY_BYTES + 1, {}),  # too large to wait for
         ("GET", 0, {}),  # no body: the receiver watches for the client going away
         ("POST", 5, {STREAM_KEY: object()}),  # a body its handler streams
     ],

@@ -43,11 +43,11 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, S
 from quart import Quart
 
 from ..errors import error_body
+from .request_body import LINGER_SECONDS
 
 log = logging.getLogger("loopgate.server")
 
 _DIGITS = re.compile(rb"[0-9]+")
-LINGER_SECONDS = 10.0  # how long a refused request's body is received and dropped at most
 
 
 class FramingError(Exception):

@@ -19,12 +19,8 @@ from quart.asgi import ASGIHTTPConnection, ASGIWebsocketConnection
 from quart.utils import cancel_tasks, raise_task_exceptions
 from quart.wrappers import Request as QuartRequest
 
+from .request_body import BODYLESS, body_size
 from .request_body import SCOPE_KEY as STREAM_KEY
-
-# A request declaring a body up to this size (a publish, mostly) has it read before its handler
-# runs, and the handler runs in the connection's own task.
-INLINE_BODY_BYTES = 64 * 1024
-_BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
 
 
 class HTTPConnection(ASGIHTTPConnection):
@@ -39,7 +35,7 @@ class HTTPConnection(ASGIHTTPConnection):
 
     In a tight loop of small publishes through the app (``bench.profile_publish --in-process
     --micro``), a publish took 20-27% less CPU without them. A body of at most
-    :data:`INLINE_BODY_BYTES`, declared by its ``Content-Length``, has come with its head or
+    :data:`~.request_body.SMALL_BODY_BYTES`, declared by its ``Content-Length``, has come with its head or
     just after it: it is read first, within the request's body timeout, and the handler then
     runs in this task. What such a handler no longer gets is a cancellation when
     its client goes away mid-request; its answer is dropped instead, as it would be had the
@@ -79,17 +75,11 @@ class HTTPConnection(ASGIHTTPConnection):
 
 
 def _small_body(scope: Any) -> bool:
-    """Whether the request declares a body of at most :data:`INLINE_BODY_BYTES`, for Quart to
+    """Whether the request declares a body of at most :data:`~.request_body.SMALL_BODY_BYTES`, for Quart to
     read (not one that its handler streams, :mod:`.request_body`)."""
-    if scope["method"] in _BODYLESS or STREAM_KEY in scope:
+    if scope["method"] in BODYLESS or STREAM_KEY in scope:
         return False
-    for name, value in scope["headers"]:
-        if name.lower() == b"content-length":
-            try:  # the framing guard, outside, refuses all but digits (``5, 5`` is one length)
-                return int(value.split(b",")[0]) <= INLINE_BODY_BYTES
-            except ValueError:
-                return False
-    return False
+    return body_size(scope) == "small"
 
 
 async def _read_body(request: Any, receive: ASGIReceiveCallable) -> bool | None:

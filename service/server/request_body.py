@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 from hypercorn.typing import (
     ASGIReceiveCallable,
@@ -49,10 +49,11 @@ SCOPE_KEY = "loopgate.request_stream"
 # response has ended (a "lingering close"); see _finishing.
 LINGER_SECONDS = 10.0
 _MARK = "_loopgate_streams_body"
-_BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
-# A declared body up to this size is read off the socket by the server before any answer could
-# end its response (its socket buffers and receive queue hold it): no lingering close is needed.
-LINGER_ABOVE = 64 * 1024
+BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
+# A declared body up to this size comes with its head or just after it: the server has it off
+# the socket before any answer could end the response (no lingering close is needed), and Quart
+# may read it before the handler runs (.quart_connections).
+SMALL_BODY_BYTES = 64 * 1024
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -174,18 +175,20 @@ class ReceivedBody:
         await self._ended.wait()
 
 
-def _large_body(scope: Any) -> bool:
-    """Whether the request declares a body over :data:`LINGER_ABOVE`, or a chunked one."""
+def body_size(scope: Any) -> Literal["none", "small", "large"]:
+    """How large a body the request declares: ``"small"`` for a ``Content-Length`` of at most
+    :data:`SMALL_BODY_BYTES`, ``"large"`` for a larger one, a chunked one or a length that cannot
+    be read, ``"none"`` when it declares neither."""
     for name, value in scope["headers"]:
         name = name.lower()
         if name == b"content-length":
             try:  # the framing guard, outside, refuses all but digits (``5, 5`` is one length)
-                return int(value.split(b",")[0]) > LINGER_ABOVE
+                return "small" if int(value.split(b",")[0]) <= SMALL_BODY_BYTES else "large"
             except ValueError:
-                return True
+                return "large"
         if name == b"transfer-encoding":
-            return True
-    return False
+            return "large"
+    return "none"
 
 
 class StreamingBodies:
@@ -203,13 +206,13 @@ class StreamingBodies:
         # A plain function handing back the app's coroutine: a coroutine of its own would stay
         # alive, with its frame, for as long as each connection (websockets included).
         result: Coroutine[Any, Any, None]
-        if scope["type"] != "http" or scope["method"] in _BODYLESS:
+        if scope["type"] != "http" or scope["method"] in BODYLESS:
             result = self.asgi_app(scope, receive, send)
         elif self._streams(scope):
             stream = RequestStream(receive)
             scope = cast(Scope, {**scope, SCOPE_KEY: stream})
             result = self.asgi_app(scope, stream.receive_for_app, _finishing(stream, send))
-        elif _large_body(scope):
+        elif body_size(scope) == "large":
             body = ReceivedBody(receive)
             result = self.asgi_app(scope, body.receive, _finishing(body, send))
         else:
@@ -235,7 +238,7 @@ class StreamingBodies:
             for rule in self.app.url_map.iter_rules():
                 if getattr(self.app.view_functions.get(rule.endpoint), _MARK, False):
                     methods.update(rule.methods or ())
-            self._methods = frozenset(methods - _BODYLESS)
+            self._methods = frozenset(methods - BODYLESS)
         return self._methods
 
 
