@@ -17,7 +17,7 @@ browser, is let through), so quart-cors's own websocket check, which refuses a h
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable
 from typing import cast
 
 from quart import Quart, Response, request
@@ -80,12 +80,18 @@ def only_for_browsers(app: Quart) -> None:
     apply_cors = hooks.pop()  # the hook cors() registered last; its place is kept below
 
     async def cors_for_browsers(response: Response) -> Response:
-        if "Origin" not in request.headers:
+        if not _has_origin(request.headers):
             response.headers.add("Vary", "Origin")
             return response
         return cast(Response, await apply_cors(response))
 
     hooks.append(cors_for_browsers)
+
+
+def _has_origin(headers: Iterable[tuple[str, str]]) -> bool:
+    """Whether the request carries ``Origin`` (``"Origin" in headers`` makes and catches an
+    exception for each request that does not, which is most)."""
+    return any(name.lower() == "origin" for name, _ in headers)
 
 
 def exempt_websockets(app: Quart) -> None:

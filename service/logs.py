@@ -103,23 +103,47 @@ def _mask(match: re.Match[str]) -> str:
     return prefix + "[redacted]"
 
 
+def _has_secret_marks(text: str) -> bool:
+    lowered = text.lower()
+    return any(mark in lowered for mark in _SECRET_MARKS)
+
+
 def redact(text: str) -> str:
     """``text`` with anything credential-like masked."""
-    lowered = text.lower()
-    if not any(mark in lowered for mark in _SECRET_MARKS):
+    if not _has_secret_marks(text):
         return text
     return _SECRETS.sub(_mask, text)
+
+
+# One encoder for every line: ``json.dumps`` with arguments makes a new one per call.
+_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
 
 
 class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON object: time, level, logger, message, request id, principal,
     and the exception if any. Hypercorn access records become named fields."""
 
+    # The time of the last record, to the second, as text: lines of the same second share it.
+    _second: tuple[int, str] = (-1, "")
+
+    def _time(self, record: logging.LogRecord) -> str:
+        """``record.created`` in ISO 8601, to the millisecond, in UTC (``+00:00``)."""
+        created = record.created
+        second = int(created)
+        cached = self._second
+        if cached[0] != second:
+            text = datetime.datetime.fromtimestamp(second, datetime.UTC).strftime(
+                "%Y-%m-%dT%H:%M:%S"
+            )
+            cached = self._second = (second, text)
+        # The milliseconds from ``created`` too (not ``record.msecs``, which Python 3.13 takes
+        # from the clock's nanoseconds: a float ``created`` rounded up to the next second would
+        # then be written a second late).
+        return f"{cached[1]}.{int((created - second) * 1000):03d}+00:00"
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
-                timespec="milliseconds"
-            ),
+            "time": self._time(record),
             "level": record.levelname,
             "logger": record.name,
         }
@@ -141,11 +165,22 @@ class JsonFormatter(logging.Formatter):
                 entry["principal"] = principal
         fields = getattr(record, FIELDS, None)
         if isinstance(fields, Mapping):
-            for name, value in fields.items():
-                entry.setdefault(name, redact(value) if isinstance(value, str) else value)
+            _add_fields(entry, fields)
         if record.exc_info:
             entry["exception"] = redact(self.formatException(record.exc_info))
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        return _ENCODER.encode(entry)
+
+
+def _add_fields(entry: dict[str, Any], fields: Mapping[str, Any]) -> None:
+    """``fields`` added to ``entry`` (those it already has are kept), text values redacted."""
+    texts = [value for value in fields.values() if isinstance(value, str)]
+    # One look for credential-shaped text in all of them (an access line has seven): only a
+    # line that holds some pays for a redaction of each value.
+    clean = not _has_secret_marks("\0".join(texts)) if texts else True
+    for name, value in fields.items():
+        if not clean and isinstance(value, str):
+            value = redact(value)
+        entry.setdefault(name, value)
 
 
 def configure_logging(fmt: str = "json", level: str = "INFO") -> None:

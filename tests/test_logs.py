@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import io
 import json
 import logging
@@ -18,6 +19,7 @@ from conftest import WAIT, Topic
 from quart import Quart
 
 from service.logs import (
+    FIELDS,
     JsonFormatter,
     configure_logging,
     init_loop_logging,
@@ -37,6 +39,43 @@ def test_records_are_one_json_object_per_line() -> None:
     assert entry["level"] == "INFO" and entry["logger"] == "loopgate.x"
     assert entry["time"].endswith("+00:00")
     assert "\n" not in line
+
+
+@pytest.mark.parametrize(
+    "created",
+    [1764810000.0004, 1764810000.1234, 1764810000.9994, 1764810001.5, 951868799.25],
+)
+def test_line_times_are_iso_8601_to_the_millisecond_in_utc(created: float) -> None:
+    formatter = JsonFormatter()
+    # Another second first: the text of a second is kept for the lines that follow in it.
+    for at in (created - 1.0, created):
+        line = record("loopgate.x", "tick")
+        line.created = at
+        expected = datetime.datetime.fromtimestamp(at, datetime.UTC)
+        assert json.loads(formatter.format(line))["time"] == expected.isoformat(
+            timespec="milliseconds"
+        )
+
+
+def test_fields_are_redacted_only_where_credential_shaped() -> None:
+    fields = {
+        "remote": "127.0.0.1:5",
+        "path": "/v1/buckets/b/objects/lg_abcdefghijklmnopqrstuvwxyz",
+        "request_id": "Bearer lg_abcdefghijklmnopqrstuvwxyz",
+        "status": "200",
+        "duration_us": 12,
+    }
+    line = record("loopgate.access", "GET x 200")
+    setattr(line, FIELDS, fields)
+    entry = json.loads(JsonFormatter().format(line))
+    assert "abcdefghijklmnop" not in json.dumps(entry)
+    assert entry["path"] == "/v1/buckets/b/objects/[redacted]"
+    assert entry["request_id"] == "Bearer [redacted]"
+    assert (entry["remote"], entry["status"], entry["duration_us"]) == ("127.0.0.1:5", "200", 12)
+    # A field never replaces one of the line's own.
+    setattr(line, FIELDS, {"level": "forged", "logger": "x", "extra": "kept"})
+    entry = json.loads(JsonFormatter().format(line))
+    assert (entry["level"], entry["logger"], entry["extra"]) == ("INFO", "loopgate.access", "kept")
 
 
 def test_access_records_have_fields_and_no_query_string() -> None:

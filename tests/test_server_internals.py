@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import multiprocessing
 
+import pytest
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.protocol import ws_stream
 from quart.asgi import ASGIHTTPConnection, ASGIWebsocketConnection
@@ -82,3 +83,36 @@ async def test_the_request_works_out_its_blueprints_as_quart_does() -> None:
         (rule,) = [rule for rule in app.url_map.iter_rules() if rule.endpoint.endswith("nested")]
         request.url_rule = rule
         assert request.blueprints == ["outer.inner", "outer"]  # a new rule is noticed
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [],
+        [("Content-Length", "10")],
+        [("content-length", "0")],
+        [("Content-Length", "10"), ("Transfer-Encoding", "chunked")],
+        [("Transfer-Encoding", "gzip, chunked")],
+        [("Transfer-Encoding", "gzip"), ("Content-Length", "7")],
+        [("Content-Length", "abc")],
+        [("Content-Length", "-1")],
+        [("Content-Length", "+5")],
+        [("Content-Length", "5"), ("Content-Length", "9")],
+        [("Host", "x"), ("CONTENT-LENGTH", "12"), ("Origin", "http://a")],
+    ],
+)
+def test_the_request_reads_its_content_length_as_werkzeug_does(
+    headers: list[tuple[str, str]],
+) -> None:
+    from quart.wrappers import Request as QuartRequest
+    from werkzeug.datastructures import Headers
+
+    async def no_push(path: str, headers: Headers) -> None:
+        raise AssertionError("no push promises here")
+
+    def made(kind: type[QuartRequest]) -> QuartRequest:
+        return kind(
+            "POST", "http", "/", b"", Headers(headers), "", "1.1", {}, send_push_promise=no_push
+        )
+
+    assert made(quart_connections.Request).content_length == made(QuartRequest).content_length
