@@ -210,6 +210,43 @@ async def _micro(config: Any, app: Any, variants: dict[str, Callable[[], None]])
         finally:
             Publisher.publish = real_publish  # type: ignore[method-assign]
         print(f"| {name} | {line:.1f} | {made:.1f} | {whole:.1f} |")
+    own_line = await _own_access_line(request, best)
+    print(
+        f"\nloopgate's own access line (service.logs.AccessLog, under uvicorn and granian), "
+        f"written to {os.devnull}: {own_line:.1f} us"
+    )
+
+
+def _devnull_handler() -> Any:
+    import logging
+
+    return logging.StreamHandler(open(os.devnull, "w"))  # the caller closes it
+
+
+async def _own_access_line(scope: dict[str, Any], best: Callable[..., Any]) -> float:
+    """One line of the access log loopgate writes itself, through the handler and formatter
+    ``configure_logging`` installs, to /dev/null."""
+    import logging
+
+    from service import logs
+
+    handler = _devnull_handler()
+    handler.setFormatter(logs.JsonFormatter())
+    access = logging.getLogger("loopgate.access")
+    saved = access.handlers[:], access.propagate, access.level
+    access.handlers[:] = [handler]
+    access.propagate, access.level = False, logging.INFO
+    start = time.perf_counter_ns()
+    request_id = "0123456789abcdef0123456789abcdef"
+
+    async def line() -> None:
+        logs._log_access(scope, 200, 27, start, request_id)
+
+    try:
+        return float(await best(line))
+    finally:
+        access.handlers[:], access.propagate, access.level = saved
+        handler.stream.close()
 
 
 async def _wrk(port: int, body_file: Path, connections: int, duration: float) -> int:
