@@ -6,11 +6,8 @@ so that an upgrade that changes a shape is noticed here rather than in productio
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import multiprocessing
-import textwrap
-from typing import Any
 
 import pytest
 from hypercorn.asyncio.tcp_server import TCPServer
@@ -119,79 +116,3 @@ def test_the_request_reads_its_content_length_as_werkzeug_does(
         )
 
     assert made(quart_connections.Request).content_length == made(QuartRequest).content_length
-
-
-# Quart's ``ASGIHTTPConnection.handle_request`` as ``quart_connections.HTTPConnection`` copied it.
-QUART_HANDLE_REQUEST = """\
-async def handle_request(self, request: Request, send: ASGISendCallable) -> None:
-    try:
-        response = await self.app.handle_request(request)
-    except Exception as error:
-        response = await _handle_exception(self.app, error)
-
-    if isinstance(response, Response) and response.timeout != Ellipsis:
-        timeout = cast(float | None, response.timeout)
-    else:
-        timeout = self.app.config["RESPONSE_TIMEOUT"]
-    try:
-        await asyncio.wait_for(self._send_response(send, response), timeout=timeout)
-    except TimeoutError:
-        pass
-"""
-
-
-def test_quart_handles_a_request_as_the_copy_of_it_does() -> None:
-    if not quart_connections.SEND_UNDER_TIMEOUT:
-        pytest.skip("not a Quart version the copy was checked against: Quart's own runs")
-    source = textwrap.dedent(inspect.getsource(ASGIHTTPConnection.handle_request))
-    assert source == QUART_HANDLE_REQUEST
-
-
-async def test_a_response_is_sent_in_its_request_task_and_still_within_its_timeout() -> None:
-    from quart import Quart
-
-    app = Quart(__name__)
-    app.config["RESPONSE_TIMEOUT"] = 0.3
-    app.asgi_http_class = quart_connections.HTTPConnection
-    tasks: list[Any] = []
-
-    @app.get("/stuck")
-    async def stuck() -> Any:
-        tasks.append(asyncio.current_task())
-
-        async def body() -> Any:
-            tasks.append(asyncio.current_task())
-            yield b"first"
-            await asyncio.Event().wait()  # never more: the response timeout ends it
-            yield b"never"  # pragma: no cover
-
-        return body()
-
-    sent: list[Any] = []
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/stuck",
-        "raw_path": b"/stuck",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"x")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 2),
-    }
-
-    async def receive() -> Any:
-        await asyncio.Event().wait()
-
-    async def send(message: Any) -> None:
-        sent.append(message)
-
-    async with asyncio.timeout(10):
-        await app(scope, receive, send)
-    assert sent[0]["status"] == 200
-    assert [m.get("body") for m in sent[1:]] == [b"first"]
-    if quart_connections.SEND_UNDER_TIMEOUT:
-        assert tasks[0] is tasks[1]  # on Python 3.11, Quart's own sends in a task of its own

@@ -3,41 +3,26 @@ bodies read without tasks of their own, a request that works out its blueprints 
 websocket inbox, and each websocket's raw ASGI ``send`` for the stream routes.
 
 These subclass Quart's ``ASGIHTTPConnection`` and ``ASGIWebsocketConnection`` and replace
-internals of theirs (``__call__``, ``handle_request``, the ``queue`` attribute);
-``tests/test_server_internals.py`` checks each against the installed Quart. ``handle_request``
-is a copy of Quart's with one change, used only with the Quart versions it was checked against
-(:data:`HANDLE_REQUEST_CHECKED`); with another, Quart's own runs.
+internals of theirs (``__call__``, the ``queue`` attribute); :func:`check_quart` tells when an
+installed Quart no longer has them, and the test suite checks each against the installed Quart.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from importlib.metadata import version
 from typing import Any
 
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 from quart import Quart
-from quart.asgi import ASGIHTTPConnection, ASGIWebsocketConnection, _handle_exception
+from quart.asgi import ASGIHTTPConnection, ASGIWebsocketConnection
 from quart.utils import cancel_tasks, raise_task_exceptions
 from quart.wrappers import Request as QuartRequest
-from quart.wrappers import Response
 from werkzeug.sansio.utils import get_content_length
 from werkzeug.utils import cached_property
 
 from .request_body import BODYLESS, body_size
 from .request_body import SCOPE_KEY as STREAM_KEY
-
-# The Quart versions whose ``ASGIHTTPConnection.handle_request`` the one below was copied from:
-# from, up to (excluded).
-HANDLE_REQUEST_CHECKED = ((0, 22), (0, 23))
-
-
-def _quart_version() -> tuple[int, ...]:
-    return tuple(int(part) for part in version("quart").split(".")[:2] if part.isdigit())
-
-
-SEND_UNDER_TIMEOUT = HANDLE_REQUEST_CHECKED[0] <= _quart_version() < HANDLE_REQUEST_CHECKED[1]
 
 
 class HTTPConnection(ASGIHTTPConnection):
@@ -70,27 +55,6 @@ class HTTPConnection(ASGIHTTPConnection):
                 case None:
                     return  # the client went away before its body came
         await self.serve_with_tasks(request, receive, send)
-
-    async def handle_request(self, request: Any, send: ASGISendCallable) -> None:
-        """Quart's, but the response is sent under ``asyncio.timeout`` instead of
-        ``asyncio.wait_for``, which on Python 3.11 runs it in a task of its own, one more per
-        request (from 3.12 on ``wait_for`` is ``timeout`` too: python/cpython#96764)."""
-        if not SEND_UNDER_TIMEOUT:
-            await super().handle_request(request, send)
-            return
-        try:
-            response = await self.app.handle_request(request)
-        except Exception as error:
-            response = await _handle_exception(self.app, error)
-        if isinstance(response, Response) and response.timeout != Ellipsis:
-            timeout: float | None = response.timeout
-        else:
-            timeout = self.app.config["RESPONSE_TIMEOUT"]
-        try:
-            async with asyncio.timeout(timeout):
-                await self._send_response(send, response)
-        except TimeoutError:
-            pass
 
     async def serve_with_tasks(
         self, request: Any, receive: ASGIReceiveCallable, send: ASGISendCallable
