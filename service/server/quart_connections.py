@@ -3,8 +3,8 @@ bodies read without tasks of their own, a request that works out its blueprints 
 websocket inbox, and each websocket's raw ASGI ``send`` for the stream routes.
 
 These subclass Quart's ``ASGIHTTPConnection`` and ``ASGIWebsocketConnection`` and replace
-internals of theirs (``__call__``, the ``queue`` attribute); :func:`check_quart` tells when an
-installed Quart no longer has them, and the test suite checks each against the installed Quart.
+internals of theirs (``__call__``, the ``queue`` attribute); ``tests/test_server_internals.py``
+checks each against the installed Quart, within the versions ``pyproject.toml`` allows.
 """
 
 from __future__ import annotations
