@@ -63,6 +63,27 @@ class Loopgate:
         return self.process.returncode
 
 
+def node_client_ready() -> str | None:
+    """Make sure the Node.js load clients can run: ``npm ci`` in bench/ when its ``ws`` package
+    is missing. ``None`` when ready, else what is wrong (without ``ws`` a client would exit at
+    once, and a run would report no connection instead of failing)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return "the load client needs Node.js 20 or later and npm (apt-get install nodejs npm)"
+    bench = Path(__file__).resolve().parent
+    if (bench / "node_modules" / "ws" / "package.json").exists():
+        return None
+    done = subprocess.run(
+        ["npm", "ci", "--no-audit", "--no-fund"],
+        cwd=bench,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        return f"npm ci in bench/ failed:\n{done.stdout}\n{done.stderr}"
+    return None
+
+
 def start_loopgate(env: dict[str, str], *, workers: int = 2, wait: float = 60.0) -> Loopgate:
     """Start loopgate with ``env`` added to this process's environment (LOOPGATE_* removed) and
     wait until ``/readyz`` answers 200."""

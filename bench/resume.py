@@ -38,7 +38,7 @@ from typing import Any
 
 from devtools.servers import SERVERS, server_command
 
-from .harness import commit, conditions, write_section
+from .harness import commit, conditions, node_client_ready, write_section
 from .procs import stop_tree
 from .stream import raise_fd_limit, server_extra
 
@@ -185,6 +185,10 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--write", action="store_true", help="replace the section in RESULTS.md")
     args = parser.parse_args()
+    problem = node_client_ready()
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     try:
         raise_fd_limit(2 * args.clients)
     except RuntimeError as exc:

@@ -28,6 +28,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -36,7 +37,7 @@ from typing import Any
 
 from devtools.servers import SERVERS, server_command
 
-from .harness import write_section
+from .harness import node_client_ready, write_section
 from .procs import stop_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,6 +224,7 @@ def run_client(
     on_measuring: Any = None,
 ) -> dict[str, Any]:
     connect = max(60.0, clients / 100)  # seconds the client waits for every connection to open
+    errors = tempfile.TemporaryFile("w+")  # what the client says on stderr, for a failed run
     process = subprocess.Popen(
         [
             "node",
@@ -235,7 +237,7 @@ def run_client(
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=errors,
         text=True,
     )
     assert process.stdout is not None
@@ -269,6 +271,11 @@ def run_client(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        errors.seek(0)
+        said = errors.read()[-2000:]
+        errors.close()
+    if not result:
+        raise RuntimeError(f"the load client gave no result (exit {process.returncode}): {said}")
     return result
 
 
@@ -455,6 +462,10 @@ def main() -> int:
     modes = [mode for mode in args.modes.split(",") if mode]
     if not modes or set(modes) - set(APPS):
         parser.error(f"--modes: choose from {', '.join(APPS)}")
+    problem = node_client_ready()
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     clients_list = [int(c) for c in args.clients.split(",") if int(c or 0) > 0]
     try:
         soft, hard = raise_fd_limit(max([*clients_list, args.idle]))
