@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 from authkit import JWT_SECRET, bearer, make_jwt, new_token, write_tokens
-from conftest import WAIT, Topic
+from conftest import WAIT, Topic, without_granian_panics
 from quart import Quart
 
 from service.logs import (
@@ -342,7 +342,10 @@ async def test_real_server_logs_are_json_without_credentials_or_message_data(
     log = server.log()
     for secret in (token, reader, jwt, bad_jwt, jwt.split(".")[2], data, marker):
         assert secret not in log
-    entries = [json.loads(line) for line in log.splitlines() if line.strip()]
+    # Granian's runtime may panic as its worker exits (emmett-framework/granian#799): not a line
+    # the app writes, nor one it could format.
+    lines = without_granian_panics(log) if server_name == "granian" else log.splitlines()
+    entries = [json.loads(line) for line in lines if line.strip()]
     logger = ACCESS_LOGGERS.get(server_name, "loopgate.access")
     access = [e for e in entries if e["logger"] == logger]
     assert all(ACCESS_FIELDS <= e.keys() for e in access), access

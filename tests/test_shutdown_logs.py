@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import re
 import signal
 import socket
 from typing import Any
@@ -20,30 +19,10 @@ from conftest import (
     graceful_timeout,
     metric_value,
     websocket_handshake,
+    without_granian_panics,
 )
 
 pytestmark = [pytest.mark.server, pytest.mark.emulator]
-
-
-def without_granian_panics(log: str) -> list[str]:
-    """``log``'s lines without the panics of Granian's Rust runtime.
-
-    Granian 2.8 often panics as a worker's process ends with a websocket it still holds (here,
-    the one whose client reads nothing): "Cannot drop pointer into Python heap without the
-    thread being attached" (emmett-framework/granian#799, #884), written by its runtime to stderr,
-    with loopgate's shutdown hook or without it. The worker still exits; nothing in the app can
-    format those lines.
-    """
-    lines: list[str] = []
-    in_panic = False
-    for line in log.splitlines():
-        if re.match(r"thread '[^']*' \(\d+\) panicked at ", line):
-            in_panic = True
-        elif line.startswith("{"):
-            in_panic = False
-        if not in_panic:
-            lines.append(line)
-    return lines
 
 
 async def drops(session: aiohttp.ClientSession, server: Server, topic: str) -> float:
