@@ -18,6 +18,8 @@ for _key in [key for key in os.environ if key.startswith("LOOPGATE_")]:
 
 import asyncio
 import base64
+import datetime
+import json
 import re
 import signal
 import socket
@@ -272,6 +274,9 @@ GRACEFUL_TIMEOUT_FLAGS = {
 }
 
 
+GRANIAN_GRACE = 8  # the least --workers-kill-timeout graceful_timeout() gives Granian
+
+
 def graceful_timeout(server: str, seconds: int) -> list[str]:
     """The arguments that set ``server``'s graceful timeout to ``seconds``.
 
@@ -280,7 +285,7 @@ def graceful_timeout(server: str, seconds: int) -> list[str]:
     connections close (service/server/granian/shutdown.py): Granian gets at least 8 s.
     """
     if server == "granian":
-        seconds = max(seconds, 8)
+        seconds = max(seconds, GRANIAN_GRACE)
     return [GRACEFUL_TIMEOUT_FLAGS[server], str(seconds)]
 
 
@@ -514,3 +519,34 @@ def without_granian_panics(log: str) -> list[str]:
         if not in_panic:
             lines.append(line)
     return lines
+
+
+GRANIAN_KILL = "refused to gracefully stop"  # what Granian's master logs as it kills a worker
+
+
+def granian_killed_a_late_worker(log: str, kill_timeout: float) -> bool:
+    """Whether Granian's master killed a worker for not being gone ``kill_timeout`` seconds (its
+    ``--workers-kill-timeout``) after the master's shutdown began.
+
+    Granian 2.8's master (``_stop_workers`` in granian/server/common.py) joins each worker with
+    that timeout, then looks once more 1 ms later and kills it if it is still alive. A worker
+    whose process is ending at that moment has already closed what ``join`` waits on but is not
+    yet gone, and is killed and logged the same way, long before the timeout: such a kill is
+    Granian's race, not a worker that held its exit, and does not count.
+    """
+    began: datetime.datetime | None = None
+    for line in log.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        message = str(entry.get("message", ""))
+        if message == "Shutting down granian":
+            began = datetime.datetime.fromisoformat(entry["time"])
+        elif GRANIAN_KILL in message:
+            at = datetime.datetime.fromisoformat(entry["time"])
+            if began is None or (at - began).total_seconds() >= kill_timeout - 0.5:
+                return True
+    return False
