@@ -176,7 +176,7 @@ def _add_fields(entry: dict[str, Any], fields: Mapping[str, Any]) -> None:
     texts = [value for value in fields.values() if isinstance(value, str)]
     # One look for credential-shaped text in all of them (an access line has seven): only a
     # line that holds some pays for a redaction of each value.
-    clean = not _has_secret_marks("\0".join(texts)) if texts else True
+    clean = not _has_secret_marks("\0".join(texts))
     for name, value in fields.items():
         if not clean and isinstance(value, str):
             value = redact(value)

@@ -504,10 +504,10 @@ def without_granian_panics(log: str) -> list[str]:
 
     Granian 2.8 often panics as a worker's process ends with a websocket it still holds (in
     the shutdown tests, one whose client reads nothing; in others, now and then, one just
-    closed): "Cannot drop pointer into Python heap without the
-    thread being attached" (emmett-framework/granian#799, #884), written by its runtime to stderr,
-    with loopgate's shutdown hook or without it. The worker still exits; nothing in the app can
-    format those lines.
+    closed): "Cannot drop pointer into Python heap without the thread being attached"
+    (emmett-framework/granian#799, #884), written by its runtime to stderr, with loopgate's
+    shutdown hook or without it. The worker still exits; nothing in the app can format those
+    lines.
     """
     lines: list[str] = []
     in_panic = False
