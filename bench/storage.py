@@ -30,6 +30,7 @@ import aiohttp
 from gcloud.aio.storage import Storage
 
 from devtools.emulators import StorageEmulator
+from service import malloctune
 from service.auth.tokens import entry_toml, new_token
 
 from .harness import Loopgate, commit, create_bucket, start_server, write_section
@@ -51,12 +52,20 @@ TARGET = 0.9  # loopgate's share of the bare proxy's MB/s
 # faster or slower than another running the same code, for as long as it lives, so one round's
 # ratios say as much about the processes as about the code.
 ROUNDS = 3
+# The proxies run with the allocator settings loopgate gives itself (service/malloctune.py), set the
+# way any process can have them: without, whether a worker faults in fresh pages for every chunk
+# depends on its heap's history, and a proxy's result on its luck.
+PEER_ALLOCATOR = {
+    "MALLOC_MMAP_THRESHOLD_": str(malloctune.MMAP_THRESHOLD),
+    "MALLOC_TRIM_THRESHOLD_": str(malloctune.TRIM_THRESHOLD),
+}
 
 
 @dataclass
 class Series:
     seconds: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)  # worker CPU seconds per transfer (10 ms ticks)
+    faults: list[float] = field(default_factory=list)  # worker minor page faults per transfer
 
     def mb_per_s(self, size: int) -> float:
         return size / MB / statistics.median(self.seconds)
@@ -65,6 +74,10 @@ class Series:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def minor_faults(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
 
 
 def busy_seconds() -> float:
@@ -170,10 +183,12 @@ async def measure(
                             series = results.setdefault((size, at_once, path, direction), Series())
                             worker = servers[path].worker if path in servers else None
                             cpu = cpu_seconds(worker) if worker else 0.0
+                            faults = minor_faults(worker) if worker else 0
                             # Seconds per transfer: the batch's time shared by its transfers.
                             series.seconds.append(await timed(operation) / at_once)
                             if worker:
                                 series.cpu.append((cpu_seconds(worker) - cpu) / at_once)
+                                series.faults.append((minor_faults(worker) - faults) / at_once)
     return results
 
 
@@ -207,12 +222,17 @@ def _cpu_per_mb(series: Series, size: int) -> str:
     return f"{sum(series.cpu) * 1000 / (len(series.cpu) * size / MB):.1f}"
 
 
+def _faults_per_mb(series: Series, size: int) -> str:
+    return f"{sum(series.faults) / (len(series.faults) * size / MB):.0f}"
+
+
 def table(results: dict[Key, Series], concurrency: tuple[int, ...]) -> list[str]:
     lines = [
         "| object | transfers | direction | loopgate MB/s | Quart proxy MB/s | bare proxy MB/s "
         "| direct MB/s | loopgate / bare proxy | Quart proxy / bare proxy | loopgate / Quart proxy "
-        "| bare proxy / direct | worker CPU ms/MB, loopgate / Quart / bare | samples each |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| bare proxy / direct | worker CPU ms/MB, loopgate / Quart / bare "
+        "| worker page faults per MB, loopgate / Quart / bare | samples each |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for at_once in concurrency:
         for size in SIZES:
@@ -227,11 +247,12 @@ def table(results: dict[Key, Series], concurrency: tuple[int, ...]) -> list[str]
                     s.mb_per_s(size) for s in (ours, framework, bare, direct)
                 )
                 cpu = " / ".join(_cpu_per_mb(s, size) for s in (ours, framework, bare))
+                faults = " / ".join(_faults_per_mb(s, size) for s in (ours, framework, bare))
                 lines.append(
                     f"| {size // MB} MB | {_at_once(at_once)} | {direction} | {mine:.1f} "
                     f"| {quart:.1f} | {hop:.1f} | {ceiling:.1f} | {mine / hop:.0%} "
                     f"| {quart / hop:.0%} | {mine / quart:.0%} | {hop / ceiling:.0%} | {cpu} "
-                    f"| {len(ours.seconds)} |"
+                    f"| {faults} | {len(ours.seconds)} |"
                 )
     return lines
 
@@ -258,7 +279,7 @@ def one_round(
         # No Pub/Sub here: /readyz would wait for it; /healthz says the worker serves.
         started.append(start_server(loopgate_env, probe="/healthz", workers=1))
         # The proxies have no health route: any answer (a 404) means it serves.
-        proxy_env = {"STORAGE_EMULATOR_HOST": emulator.url}
+        proxy_env = {"STORAGE_EMULATOR_HOST": emulator.url, **PEER_ALLOCATOR}
         for app in (PROXY, QUART_PROXY):
             started.append(start_server(proxy_env, app=app, probe="/", any_answer=True, workers=1))
         loopgate, proxy, quart = started
@@ -301,6 +322,7 @@ def main() -> int:
     args = parser.parse_args()
     concurrency = tuple(int(c) for c in args.concurrency.split(",") if c)
 
+    malloctune.settle()  # the load client's own chunks, alike in every round
     emulator = StorageEmulator()
     emulator.start()
     scratch = tempfile.TemporaryDirectory(prefix="loopgate-bench-")
@@ -321,6 +343,7 @@ def main() -> int:
                 merged = results.setdefault(key, Series())
                 merged.seconds += series.seconds
                 merged.cpu += series.cpu
+                merged.faults += series.faults
     finally:
         emulator.stop()
         scratch.cleanup()
@@ -354,6 +377,9 @@ def main() -> int:
         "also pays a TCP connect",
         "- loopgate requests carry an API token (authentication on, as in production); the "
         "proxies check nothing",
+        "- loopgate sets glibc's allocator thresholds itself (`service/malloctune.py`); the "
+        "proxies are started with the same ones (`MALLOC_MMAP_THRESHOLD_`, "
+        "`MALLOC_TRIM_THRESHOLD_`), so that no worker's result depends on its heap's history",
     ]
     print("\n".join(lines))
     if not args.no_write:

@@ -8,7 +8,7 @@ from typing import Any
 
 from quart import Quart
 
-from . import cors, gctune, metrics, server
+from . import cors, gctune, malloctune, metrics, server
 from .auth import limits
 from .auth.access import SECURITY_SCHEMES, init_auth
 from .clients import builtin_clients
@@ -73,6 +73,12 @@ def create_app(
     register_error_handlers(app)
     init_loop_logging(app)
     server.install(app, settings)  # last: its wrappers must see every request first
+
+    if settings.malloc_tuning:
+
+        @app.before_serving
+        async def settle_allocator() -> None:
+            malloctune.settle()  # process-wide, for every allocation from now on
 
     if settings.gc_tuning:
 

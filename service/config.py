@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     gc_tuning: bool = Field(
         default=True, description="Freeze startup's objects and collect garbage less often."
     )
+    malloc_tuning: bool = Field(
+        default=True, description="Keep large buffers on glibc's heap instead of mapping each."
+    )
 
     # Authentication (service/auth/access.py): on unless explicitly "disabled".
     auth: Literal["enabled", "disabled"] = Field(default="enabled")

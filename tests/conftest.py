@@ -144,12 +144,14 @@ def topic(admin: PubSubAdmin) -> Topic:
 
 def make_settings(**overrides: Any) -> Settings:
     # Authentication is off unless a test turns it on (tests/test_auth.py does). The collector
-    # is left as it is in this process (real servers started by tests run with the tuning on).
+    # and the allocator are left as they are in this process (real servers started by tests run
+    # with both tunings on).
     values: dict[str, Any] = {
         "project": PROJECT,
         "topics": "*",
         "auth": "disabled",
         "gc_tuning": False,
+        "malloc_tuning": False,
     }
     values.update(overrides)
     return load_settings({}, **values)

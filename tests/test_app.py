@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from quart import Quart, Response, websocket
 
 from devtools.emulators import PubSubEmulator
-from service import ClientSpec, create_app, gctune, get_http, get_publisher
+from service import ClientSpec, create_app, gctune, get_http, get_publisher, malloctune
 
 
 class Pool:
@@ -135,6 +135,20 @@ async def test_garbage_collection_is_settled_after_startup(
         else:
             assert gc.get_threshold() == (700, 10, 10)
             assert any(obj is publisher for obj in gc.get_objects())
+
+
+@pytest.mark.parametrize("tuning", [True, False])
+async def test_the_allocator_is_settled_at_startup(
+    pubsub_emulator: Any, monkeypatch: pytest.MonkeyPatch, tuning: bool
+) -> None:
+    # glibc's settings cannot be read back (tests/test_malloctune.py measures what they do), so
+    # this checks only that startup asks for them, and only when the setting is on.
+    calls: list[bool] = []
+    monkeypatch.setattr(malloctune, "settle", lambda: calls.append(True) or True)
+    app = create_app(make_settings(malloc_tuning=tuning))
+    assert not calls
+    async with app.test_app():
+        assert calls == ([True] if tuning else [])
 
 
 async def test_lazy_mode_creates_nothing_at_startup(pubsub_emulator: Any) -> None:

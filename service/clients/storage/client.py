@@ -25,6 +25,7 @@ What gcloud-aio-storage does here, and what it cannot:
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -92,6 +93,14 @@ class StorageClient:
         )
         # gcloud-aio types its timeouts as int but hands a ClientTimeout through unchanged.
         self._aio_timeout = cast(int, self.timeout)
+        # A download's head must come within ``read_timeout``, and its body is watched by its
+        # reader (``service.routes.storage_download.DownloadBody``): aiohttp's own ``sock_read``
+        # sets a new timer for every piece of a body the socket hands on (hundreds for a 50 MB
+        # object), a few percent of the worker's CPU per downloaded byte.
+        self.read_timeout = settings.storage_timeout
+        self._download_timeout = cast(
+            int, aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect)
+        )
 
     async def auth_headers(self) -> dict[str, str]:
         """The headers that authorize a request of this client's own (none on the emulator)."""
@@ -164,12 +173,25 @@ class StorageClient:
         self, bucket: str, name: str, byte_range: tuple[int, int] | None = None
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """The open media response of the object (``byte_range`` is inclusive); the connection is
-        dropped when the body is left unread."""
+        dropped when the body is left unread.
+
+        Its head must come within ``read_timeout``; its body has no read timeout of its own: the
+        caller bounds each read (``DownloadBody`` does).
+        """
         headers = {"Range": f"bytes={byte_range[0]}-{byte_range[1]}"} if byte_range else {}
+        deadline = asyncio.timeout(self.read_timeout)
         with translate(bucket, name):
-            stream = await self.storage.download_stream(
-                bucket, name, headers=headers, timeout=self._aio_timeout
-            )
+            try:
+                async with deadline:
+                    stream = await self.storage.download_stream(
+                        bucket, name, headers=headers, timeout=self._download_timeout
+                    )
+            except TimeoutError as exc:
+                if not deadline.expired():  # aiohttp's connect timeout: translated as such
+                    raise
+                raise aiohttp.SocketTimeoutError(
+                    f"no answer within {self.read_timeout:g} s"
+                ) from exc
         response: aiohttp.ClientResponse = await stream.__aenter__()
         try:
             yield response
